@@ -1,0 +1,64 @@
+"""Read and rank every run under a path, once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_watch.ranking import Metric, RunRanking, rank_run
+from ckpt_watch.scan import RunDir, find_runs
+from ckpt_watch.trainer_state import Checkpoint, StateVanishedError, read_checkpoint
+
+
+class NothingToCheckError(Exception):
+    """Raised when the path to check is missing or holds no checkpoint."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """One run's ranking, with the run named relative to the path that was checked."""
+
+    run: str
+    path: Path
+    ranking: RunRanking
+
+
+def check_path(path: Path, metric: Metric) -> Iterator[RunReport]:
+    """Rank each run under ``path`` in turn, holding one run in memory at a time.
+
+    Raises NothingToCheckError before yielding anything when there is nothing to rank.
+    """
+    if not path.exists():
+        raise NothingToCheckError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise NothingToCheckError(f"{path}: not a directory")
+    runs = find_runs(path)
+    if not runs:
+        raise NothingToCheckError(f"{path}: no checkpoint-<step> directories found")
+    return (_report(run, path, metric) for run in runs)
+
+
+def read_run(run: RunDir) -> list[Checkpoint]:
+    """Read every checkpoint of a run; one that vanishes while being read is left out."""
+    checkpoints = []
+    for entry in run.checkpoints:
+        try:
+            checkpoints.append(read_checkpoint(entry.path))
+        except StateVanishedError:
+            continue
+    return checkpoints
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` in forward-slash form, ``"."`` for the root itself."""
+    try:
+        name = path.relative_to(root).as_posix()
+    except ValueError:
+        name = path.as_posix()
+    return name or "."
+
+
+def _report(run: RunDir, root: Path, metric: Metric) -> RunReport:
+    ranking = rank_run(read_run(run), metric)
+    return RunReport(relative_name(run.path, root), run.path, ranking)
