@@ -1,0 +1,140 @@
+"""The JSON Lines history: one durable line per event, replayed at start-up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+Event = dict[str, Any]
+
+
+class HistoryError(Exception):
+    """Raised when the history file cannot be opened at all."""
+
+
+def strict(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, Mapping):
+        return {key: strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(item) for item in value]
+    return value
+
+
+def number(value: Any) -> float | None:
+    """Read back a value written by :func:`strict`."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if value in ("NaN", "Infinity", "-Infinity"):
+        return float(value.replace("Infinity", "inf"))
+    return None
+
+
+def timestamp() -> str:
+    """Now, as RFC 3339 in UTC with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class History:
+    """An append-only JSON Lines file.
+
+    Each event is written as one complete line with a single ``write`` and then fsynced.
+    A line torn by a crash is sealed with a newline before the next append, so it can
+    never be glued to a later event. When the disk is full the append is retried with
+    backoff until ``stop`` is set, and logged once.
+    """
+
+    def __init__(self, path: Path, *, stop: threading.Event | None = None) -> None:
+        self.path = path
+        self._stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise HistoryError(f"cannot open history {path}: {exc.strerror or exc}") from exc
+        self._seal_torn_tail()
+
+    def append(self, event: str, **fields: Any) -> Event:
+        """Write one event durably and return it as written."""
+        record: Event = {"v": VERSION, "ts": timestamp(), "event": event, **strict(fields)}
+        line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            self._write_durably(line)
+        return record
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def _write_durably(self, line: bytes) -> None:
+        delay = 0.5
+        warned = False
+        while True:
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    # A short write leaves a torn line; seal it and write the event again.
+                    os.write(self._fd, b"\n")
+                    raise OSError(28, "short write")
+                os.fsync(self._fd)
+                if warned:
+                    log.info("history writable again path=%s", self.path)
+                return
+            except OSError as exc:
+                if not warned:
+                    log.error("cannot write history path=%s error=%s; retrying", self.path, exc)
+                    warned = True
+                if self._stop.wait(delay):
+                    raise HistoryError(f"history not written: {exc}") from exc
+                delay = min(delay * 2, 30.0)
+
+    def _seal_torn_tail(self) -> None:
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == 0:
+                return
+            with open(self.path, "rb") as handle:
+                handle.seek(size - 1)
+                if handle.read(1) != b"\n":
+                    log.warning("history ends in a torn line path=%s; sealing it", self.path)
+                    os.write(self._fd, b"\n")
+                    os.fsync(self._fd)
+        except OSError as exc:
+            log.warning("cannot check history tail path=%s error=%s", self.path, exc)
+
+
+def replay(path: Path, *, on_bad_line: Callable[[int, str], None] | None = None) -> Iterator[Event]:
+    """Yield every complete, valid event in ``path``; torn or foreign lines are skipped."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the generator's with)
+    except FileNotFoundError:
+        return
+    with handle:
+        for number_, raw in enumerate(handle, start=1):
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("event"), str):
+                yield record
+            elif raw.strip() and on_bad_line is not None:
+                on_bad_line(number_, "not a complete JSON event")
