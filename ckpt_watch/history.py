@@ -23,7 +23,7 @@ class HistoryError(Exception):
 
 
 def strict(value: Any) -> Any:
-    """``value`` with non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    """``value`` with non-finite floats written as the strings NaN, Infinity, -Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
         if math.isnan(value):
             return "NaN"
