@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ class TrainerState:
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
     best_global_step: int | None = None
+    first_row: str | None = None  # digest of the first log row: which training wrote this
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,17 +192,19 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
     if data.find(b"]", body, closing) >= 0 and data.find(_LOG_CLOSE, body, closing) >= 0:
         return None
 
-    eval_rows: list[bytes] = []
-    cursor = body
+    # Wanted: the first row (it identifies the training) and every evaluation row.
+    first_end = data.find(_ROW_CLOSE, body, closing + 1) + len(_ROW_CLOSE)
+    wanted: list[bytes] = [data[body:first_end]]
+    cursor = first_end
     while (hit := data.find(_EVAL_KEY, cursor, closing)) >= 0:
         start = data.rfind(_ROW_OPEN, body, hit)
         end = data.find(_ROW_CLOSE, hit, closing + 1) + len(_ROW_CLOSE)
         if start < 0 or end < len(_ROW_CLOSE):
             return None
-        eval_rows.append(data[start:end])
+        wanted.append(data[start:end])
         cursor = end
     try:
-        rows = json.loads(b"[" + b",".join(eval_rows) + b"]")
+        rows = json.loads(b"[" + b",".join(wanted) + b"]")
     except (json.JSONDecodeError, RecursionError):
         return None
 
@@ -218,6 +222,7 @@ def _outer_with_rows(head: bytes, tail: bytes, rows: list[Any]) -> TrainerState 
 
 
 def _build_state(document: dict[str, Any], rows: list[Any]) -> TrainerState:
+    """Build the record from the top level and the rows that matter (the first row first)."""
     evals: dict[int, dict[str, float]] = {}
     for row in rows:
         if not isinstance(row, dict):
@@ -236,7 +241,13 @@ def _build_state(document: dict[str, Any], rows: list[Any]) -> TrainerState:
         best_metric=_as_float(document.get("best_metric")),
         best_model_checkpoint=best_checkpoint if isinstance(best_checkpoint, str) else None,
         best_global_step=_as_int(document.get("best_global_step")),
+        first_row=_digest(rows[0]) if rows else None,
     )
+
+
+def _digest(row: object) -> str:
+    canonical = json.dumps(row, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
 
 
 def _is_number(value: object) -> bool:
