@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,8 +12,14 @@ import typer
 
 from ckpt_watch import __version__
 from ckpt_watch.check import NothingToCheckError, check_path
+from ckpt_watch.history import replay
+from ckpt_watch.history_table import select, table
+from ckpt_watch.logsetup import FORMATS, LEVELS
+from ckpt_watch.logsetup import configure as configure_logging
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
 from ckpt_watch.report import Style, plain, write_json, write_text
+from ckpt_watch.service import DaemonSettings, StartError, default_history, serve
+from ckpt_watch.watch import WatchSettings
 
 app = typer.Typer(
     add_completion=False,
@@ -100,6 +107,65 @@ def check(
         write_json(reports, sys.stdout)
     else:
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
+
+
+@app.command()
+def start(
+    root: Annotated[Path, typer.Argument(help="The training output tree to watch.")],
+    metric: MetricOption = "eval_loss",
+    mode: ModeOption = None,
+    history: Annotated[
+        Path | None,
+        typer.Option(help="History file. Default: ROOT/.ckpt-watch/history.jsonl."),
+    ] = None,
+    poll: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Poll every SECONDS instead of using inotify."),
+    ] = None,
+    reconcile: Annotated[
+        float,
+        typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events."),
+    ] = 300.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Watch ROOT: rank every new checkpoint, record it, announce new bests."""
+    if log_level not in LEVELS:
+        fail(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}", 2)
+    if log_format not in FORMATS:
+        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}", 2)
+    configure_logging(log_level, log_format)
+    settings = DaemonSettings(
+        root=root,
+        metric=metric_from(metric, mode),
+        history=history,
+        watch=WatchSettings(poll=poll, reconcile=reconcile),
+    )
+    try:
+        serve(settings)
+    except StartError as exc:
+        fail(str(exc))
+
+
+@app.command("history")
+def show_history(
+    root: Annotated[Path, typer.Argument(help="The watched root.")],
+    history: Annotated[
+        Path | None,
+        typer.Option(help="History file. Default: ROOT/.ckpt-watch/history.jsonl."),
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="Only this run (relative to ROOT).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print strict JSON.")] = False,
+) -> None:
+    """Show what the daemon recorded, one line per event."""
+    path = history or default_history(root)
+    if not path.is_file():
+        fail(f"{path}: no history (has ckpt-watch start run on {root}?)")
+    events = select(replay(path), run)
+    if as_json:
+        typer.echo(json.dumps({"events": events}, allow_nan=False))
+    else:
+        typer.echo("\n".join(table(events)))
 
 
 def main() -> None:

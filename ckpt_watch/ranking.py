@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ckpt_watch.trainer_state import STATE_FILE, Checkpoint
+from ckpt_watch.trainer_state import STATE_FILE, Checkpoint, last_component
 
 Mode = Literal["min", "max"]
 
@@ -181,8 +181,13 @@ def continues(older: Checkpoint, newer: Checkpoint) -> bool:
         return False
     if older.state.max_steps != newer.state.max_steps:
         return False
-    old_rows = _log_rows(older.path)
-    new_rows = _log_rows(newer.path)
+    return shares_history(older.path, newer.path)
+
+
+def shares_history(older_dir: Path, newer_dir: Path) -> bool:
+    """Whether the newer checkpoint's log history begins with every row of the older one's."""
+    old_rows = _log_rows(older_dir)
+    new_rows = _log_rows(newer_dir)
     if old_rows is None or new_rows is None or len(new_rows) < len(old_rows):
         return False
     return new_rows[: len(old_rows)] == old_rows
@@ -203,6 +208,6 @@ def _trainer_best(ordered: Sequence[Checkpoint]) -> TrainerBest | None:
     newest = next((c for c in reversed(ordered) if c.state is not None), None)
     if newest is None or newest.state is None or not newest.state.best_model_checkpoint:
         return None
-    name = re.split(r"[\\/]", newest.state.best_model_checkpoint.rstrip("/\\"))[-1]
+    name = last_component(newest.state.best_model_checkpoint)
     on_disk = (newest.path.parent / name).is_dir()
     return TrainerBest(name, newest.state.best_metric, on_disk, newest.step)

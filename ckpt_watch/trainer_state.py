@@ -88,6 +88,11 @@ def checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def last_component(trainer_path: str) -> str:
+    """The directory name in a path the Trainer wrote on any machine (``/`` or ``\\``)."""
+    return re.split(r"[\\/]", trainer_path.rstrip("/\\"))[-1]
+
+
 def read_checkpoint(path: Path, *, max_bytes: int = MAX_STATE_BYTES) -> Checkpoint:
     """Read ``path/trainer_state.json`` into a Checkpoint.
 

@@ -1,0 +1,452 @@
+"""The reaction to a run changing: read, rank, record, and hand new bests on.
+
+Plain code with no threads: the watcher decides when to call it, tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt_watch.check import relative_name
+from ckpt_watch.history import Event, History, number
+from ckpt_watch.ranking import Metric, shares_history
+from ckpt_watch.scan import CheckpointDir, find_runs, list_run
+from ckpt_watch.trainer_state import (
+    STATE_FILE,
+    Checkpoint,
+    StateVanishedError,
+    TrainerState,
+    last_component,
+    read_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+# A state that still does not parse after this long is a crash mid-save, not a save in
+# progress: say so once.
+INCOMPLETE_GRACE = 30.0
+
+NewBestHook = Callable[[Event], None]
+
+
+@dataclass(slots=True)
+class Known:
+    """A checkpoint as recorded: enough to rank it without reading its file again."""
+
+    name: str
+    step: int
+    value: float | None
+    epoch: float | None
+    size: int
+    mtime_ns: int
+    max_steps: int | None
+    first_row: str | None
+    trainer_best: str | None
+    incarnation: int = 0
+    value_from: str | None = None
+
+    @classmethod
+    def read(cls, checkpoint: Checkpoint, state: TrainerState, metric: Metric) -> Known:
+        best = state.best_model_checkpoint
+        return cls(
+            name=checkpoint.name,
+            step=checkpoint.step,
+            value=checkpoint.own_metrics.get(metric.name),
+            epoch=state.epoch,
+            size=checkpoint.size,
+            mtime_ns=checkpoint.mtime_ns,
+            max_steps=state.max_steps,
+            first_row=state.first_row,
+            trainer_best=last_component(best) if best else None,
+        )
+
+    @classmethod
+    def from_event(cls, event: Event) -> Known:
+        return cls(
+            name=str(event["checkpoint"]),
+            step=int(event["step"]),
+            value=number(event.get("value")),
+            epoch=number(event.get("epoch")),
+            size=int(event.get("size", -1)),
+            mtime_ns=int(event.get("mtime_ns", -1)),
+            max_steps=event.get("max_steps"),
+            first_row=event.get("first_row"),
+            trainer_best=event.get("trainer_best"),
+            incarnation=int(event.get("incarnation", 0)),
+            value_from=event.get("value_from"),
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """What a ``checkpoint`` event records, beside the run and metric."""
+        fields: dict[str, Any] = {
+            "checkpoint": self.name,
+            "step": self.step,
+            "value": self.value,
+            "epoch": self.epoch,
+            "incarnation": self.incarnation,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "max_steps": self.max_steps,
+            "first_row": self.first_row,
+            "trainer_best": self.trainer_best,
+        }
+        if self.value_from:
+            fields["value_from"] = self.value_from
+        return fields
+
+    def same_content(self, other: Known) -> bool:
+        """Whether a re-read file says what was recorded (a touch, a copy back in place)."""
+        mine = (self.step, self.first_row, self.max_steps, self.trainer_best)
+        theirs = (other.step, other.first_row, other.max_steps, other.trainer_best)
+        return mine == theirs and _same_number(self.value, other.value)
+
+
+@dataclass(slots=True)
+class RunTrack:
+    """What the engine knows of one run directory."""
+
+    name: str
+    path: Path
+    known: dict[str, Known] = field(default_factory=dict)
+    incarnation: int = 0
+    top_step: int = -1
+    fingerprint: tuple[int | None, str | None] = (None, None)
+    # Every value this incarnation has reached, removed checkpoints included.
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    reached: float | None = None
+    reached_by: str | None = None
+    pending: dict[str, float] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    def begin_incarnation(self, number: int) -> None:
+        self.incarnation = number
+        self.top_step = -1
+        self.fingerprint = (None, None)
+        self.seen.clear()
+        self.reached = None
+        self.reached_by = None
+
+    def continues_with(self, known: Known) -> bool:
+        """Whether a newly read checkpoint belongs to the training this run is in."""
+        if self.top_step < 0:
+            return True
+        if known.step <= self.top_step:
+            return False  # steps went backwards: the run was started again
+        max_steps, first_row = self.fingerprint
+        if None not in (max_steps, known.max_steps) and max_steps != known.max_steps:
+            return False
+        return None in (first_row, known.first_row) or first_row == known.first_row
+
+    def adopt(self, known: Known) -> None:
+        known.incarnation = self.incarnation
+        self.known[known.name] = known
+        self.top_step = max(self.top_step, known.step)
+        max_steps, first_row = self.fingerprint
+        self.fingerprint = (max_steps or known.max_steps, first_row or known.first_row)
+        if known.value is not None and math.isfinite(known.value):
+            self.seen[known.name] = (known.step, known.value)
+
+    def best_seen(self, metric: Metric) -> tuple[str, int, float] | None:
+        """The best value this incarnation has reached; ties go to the earlier step."""
+        seen = [(name, step, value) for name, (step, value) in self.seen.items()]
+        return min(seen, key=lambda item: _order(metric, item[2], item[1]), default=None)
+
+    def current_best(self, metric: Metric) -> Known | None:
+        """The best checkpoint still on disk in this incarnation."""
+        ranked = [
+            (_order(metric, known.value, known.step), known)
+            for known in self.known.values()
+            if known.incarnation == self.incarnation
+            and known.value is not None
+            and math.isfinite(known.value)
+        ]
+        return min(ranked, key=lambda item: item[0], default=(None, None))[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    runs: int
+    checkpoints: int
+    bests: int
+
+
+class Engine:
+    """Keeps every run under a root ranked and writes what happens to the history."""
+
+    def __init__(
+        self,
+        root: Path,
+        metric: Metric,
+        history: History,
+        *,
+        on_new_best: NewBestHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.root = root
+        self.metric = metric
+        self.history = history
+        self.on_new_best = on_new_best
+        self.clock = clock
+        self.runs: dict[str, RunTrack] = {}
+        self.baseline = True
+
+    # ----- start-up -------------------------------------------------------------------
+
+    def load(self, events: Iterable[Event]) -> None:
+        """Learn what an earlier daemon recorded, so that nothing is recorded twice.
+
+        The first start on a root (no ``started`` yet), and a start with another metric,
+        take what is on disk as the baseline instead of as news.
+        """
+        metric_changed = False
+        for event in events:
+            kind = event.get("event")
+            if kind == "started":
+                self.baseline = event.get("metric") != self.metric.name
+                metric_changed = self.baseline
+            elif kind in ("checkpoint", "new_best", "removed", "pruned"):
+                self._replay(kind, event)
+        if metric_changed:
+            log.info("metric changed to %s: taking the tree as a new baseline", self.metric.name)
+            self.runs.clear()
+
+    def _replay(self, kind: str, event: Event) -> None:
+        if event.get("metric", self.metric.name) != self.metric.name or "run" not in event:
+            return
+        track = self._track(str(event["run"]))
+        name = str(event.get("checkpoint"))
+        if kind == "checkpoint":
+            known = Known.from_event(event)
+            if known.incarnation != track.incarnation:
+                track.begin_incarnation(known.incarnation)
+            track.adopt(known)
+            if event.get("baseline"):
+                self._raise_reached(track, known.name, known.value)
+        elif kind == "new_best":
+            self._raise_reached(track, name, number(event.get("value")))
+        else:
+            track.known.pop(name, None)
+
+    def _raise_reached(self, track: RunTrack, name: str, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        if track.reached is None or self.metric.is_better(value, track.reached):
+            track.reached, track.reached_by = value, name
+
+    def first_scan(self) -> bool:
+        """Bring the records up to date with the tree; True if a state is still pending."""
+        pending = self.reconcile()
+        self.baseline = False
+        return pending
+
+    # ----- reacting -------------------------------------------------------------------
+
+    def reconcile(self) -> bool:
+        """Compare the whole tree with what is known; cheap when nothing changed."""
+        return self.refresh_tree(self.root)
+
+    def refresh_tree(self, directory: Path) -> bool:
+        """Refresh every run at or under ``directory``: new ones, changed ones, gone ones."""
+        pending = False
+        found = {run.path: run for run in find_runs(directory)} if directory.is_dir() else {}
+        prefix = relative_name(directory, self.root)
+        for track in list(self.runs.values()):
+            inside = prefix == "." or track.name == prefix or track.name.startswith(prefix + "/")
+            if inside and track.path not in found:
+                pending |= self.refresh(track.path)
+        for path, run in sorted(found.items()):
+            pending |= self._refresh_listed(path, run.checkpoints)
+        return pending
+
+    def refresh(self, run_path: Path) -> bool:
+        """React to a change in one run; True if a state is pending (retry later)."""
+        return self._refresh_listed(run_path, list_run(run_path).checkpoints)
+
+    def _refresh_listed(self, run_path: Path, listed: Iterable[CheckpointDir]) -> bool:
+        name = relative_name(run_path, self.root)
+        track = self.runs.get(name)
+        entries = {entry.path.name: entry for entry in listed}
+        if track is None:
+            if not entries:
+                return False
+            track = self._track(name)
+
+        for gone in sorted(set(track.known) - set(entries), key=lambda n: track.known[n].step):
+            self._record_removed(track, track.known.pop(gone))
+        for gone in set(track.pending) - set(entries):
+            del track.pending[gone]
+
+        fresh = [self._read_if_changed(track, entry) for entry in entries.values()]
+        for checkpoint in sorted((c for c in fresh if c is not None), key=lambda c: c.step):
+            self._take(track, checkpoint)
+        self._announce_if_better(track)
+        if not track.known and not track.pending and not entries:
+            del self.runs[name]
+        return bool(track.pending)
+
+    def _read_if_changed(self, track: RunTrack, entry: CheckpointDir) -> Checkpoint | None:
+        known = track.known.get(entry.path.name)
+        try:
+            info = os.stat(entry.path / STATE_FILE)
+        except OSError:
+            info = None
+        unchanged = info is not None and (info.st_size, info.st_mtime_ns) == (
+            (known.size, known.mtime_ns) if known else None
+        )
+        if unchanged:
+            return None
+        try:
+            checkpoint = read_checkpoint(entry.path)
+        except StateVanishedError:
+            return None
+        if checkpoint.state is None:
+            self._note_pending(track, checkpoint)
+            return None
+        track.pending.pop(checkpoint.name, None)
+        track.warned.discard(checkpoint.name)
+        return checkpoint
+
+    def _note_pending(self, track: RunTrack, checkpoint: Checkpoint) -> None:
+        first_seen = track.pending.setdefault(checkpoint.name, self.clock())
+        if checkpoint.name in track.warned:
+            return
+        if self.clock() - first_seen >= INCOMPLETE_GRACE:
+            track.warned.add(checkpoint.name)
+            log.warning(
+                "checkpoint incomplete path=%s reason=%s", checkpoint.path, checkpoint.error
+            )
+        else:
+            log.debug("state not ready path=%s reason=%s", checkpoint.path, checkpoint.error)
+
+    def _take(self, track: RunTrack, checkpoint: Checkpoint) -> None:
+        assert checkpoint.state is not None
+        known = Known.read(checkpoint, checkpoint.state, self.metric)
+        previous = track.known.get(known.name)
+        if previous is not None and previous.same_content(known):
+            previous.size, previous.mtime_ns = known.size, known.mtime_ns
+            return
+        if not track.continues_with(known):
+            log.info(
+                "run started again run=%s checkpoint=%s incarnation=%d",
+                track.name,
+                known.name,
+                track.incarnation + 1,
+            )
+            track.begin_incarnation(track.incarnation + 1)
+
+        self._lend_values(track, checkpoint)
+        track.adopt(known)
+        self._record_checkpoint(track, known)
+
+    def _lend_values(self, track: RunTrack, newer: Checkpoint) -> None:
+        """Give older checkpoints of this training the evaluation logged after their save."""
+        assert newer.state is not None
+        for older in sorted(track.known.values(), key=lambda k: k.step):
+            if older.value is not None or older.incarnation != track.incarnation:
+                continue
+            value = newer.state.evals.get(older.step, {}).get(self.metric.name)
+            if value is None or older.max_steps != newer.state.max_steps:
+                continue
+            if not shares_history(track.path / older.name, newer.path):
+                continue
+            older.value, older.value_from = value, newer.name
+            track.adopt(older)
+            self._record_checkpoint(track, older)
+
+    def _announce_if_better(self, track: RunTrack) -> None:
+        best = track.best_seen(self.metric)
+        if best is None:
+            return
+        name, step, value = best
+        if track.reached is not None and not self.metric.is_better(value, track.reached):
+            return
+        previous, previous_value = track.reached_by, track.reached
+        track.reached, track.reached_by = value, name
+        if self.baseline:
+            return
+        known = track.known.get(name)
+        event = self.history.append(
+            "new_best",
+            run=track.name,
+            checkpoint=name,
+            step=step,
+            metric=self.metric.name,
+            value=value,
+            epoch=known.epoch if known else None,
+            previous=previous,
+            previous_value=previous_value,
+            incarnation=track.incarnation,
+            path=str((track.path / name).absolute()),
+        )
+        log.info(
+            "new best run=%s checkpoint=%s %s=%s previous=%s",
+            track.name,
+            name,
+            self.metric.name,
+            value,
+            previous_value,
+        )
+        if self.on_new_best is not None:
+            self.on_new_best(event)
+
+    # ----- records --------------------------------------------------------------------
+
+    def _record_checkpoint(self, track: RunTrack, known: Known) -> None:
+        extra = {"baseline": True} if self.baseline else {}
+        self.history.append(
+            "checkpoint", run=track.name, metric=self.metric.name, **known.fields(), **extra
+        )
+        log.info(
+            "checkpoint run=%s checkpoint=%s %s=%s",
+            track.name,
+            known.name,
+            self.metric.name,
+            known.value,
+        )
+
+    def _record_removed(self, track: RunTrack, known: Known) -> None:
+        self.history.append(
+            "removed",
+            run=track.name,
+            checkpoint=known.name,
+            step=known.step,
+            metric=self.metric.name,
+            value=known.value,
+        )
+        current = track.current_best(self.metric)
+        log.info(
+            "checkpoint removed run=%s checkpoint=%s best_now=%s",
+            track.name,
+            known.name,
+            current.name if current else None,
+        )
+
+    def _track(self, name: str) -> RunTrack:
+        track = self.runs.get(name)
+        if track is None:
+            path = self.root if name == "." else self.root / name
+            track = self.runs[name] = RunTrack(name, path)
+        return track
+
+    def summary(self) -> Summary:
+        checkpoints = sum(len(track.known) for track in self.runs.values())
+        bests = sum(1 for track in self.runs.values() if track.reached is not None)
+        return Summary(len(self.runs), checkpoints, bests)
+
+
+def _order(metric: Metric, value: float, step: int) -> tuple[float, int]:
+    """Sort key: the best value first, and the earlier step first among equals."""
+    return (value if metric.mode == "min" else -value, step)
+
+
+def _same_number(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
