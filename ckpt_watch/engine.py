@@ -287,8 +287,8 @@ class Engine:
         for checkpoint in sorted((c for c in fresh if c is not None), key=lambda c: c.step):
             self._take(track, checkpoint)
         self._announce_if_better(track)
-        if not track.known and not track.pending and not entries:
-            del self.runs[name]
+        # A run whose directory is gone stays tracked: if a training starts there again,
+        # it is a new incarnation, and the history must say so.
         return bool(track.pending)
 
     def _read_if_changed(self, track: RunTrack, entry: CheckpointDir) -> Checkpoint | None:
@@ -436,9 +436,10 @@ class Engine:
         return track
 
     def summary(self) -> Summary:
-        checkpoints = sum(len(track.known) for track in self.runs.values())
-        bests = sum(1 for track in self.runs.values() if track.reached is not None)
-        return Summary(len(self.runs), checkpoints, bests)
+        present = [track for track in self.runs.values() if track.known]
+        checkpoints = sum(len(track.known) for track in present)
+        bests = sum(1 for track in present if track.current_best(self.metric) is not None)
+        return Summary(len(present), checkpoints, bests)
 
 
 def _order(metric: Metric, value: float, step: int) -> tuple[float, int]:

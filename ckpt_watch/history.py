@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -55,8 +56,8 @@ class History:
     """An append-only JSON Lines file.
 
     Each event is written as one complete line with a single ``write`` and then fsynced.
-    A line torn by a crash is sealed with a newline before the next append, so it can
-    never be glued to a later event. When the disk is full the append is retried with
+    A failed write is cut off again before it is retried, and a line torn by a crash is
+    sealed with a newline at start-up, so no event is ever glued to another. When the disk is full the append is retried with
     backoff until ``stop`` is set, and logged once.
     """
 
@@ -89,23 +90,29 @@ class History:
         delay = 0.5
         warned = False
         while True:
+            start = os.lseek(self._fd, 0, os.SEEK_END)
             try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    # A short write leaves a torn line; seal it and write the event again.
-                    os.write(self._fd, b"\n")
-                    raise OSError(28, "short write")
+                if os.write(self._fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
                 os.fsync(self._fd)
                 if warned:
                     log.info("history writable again path=%s", self.path)
                 return
             except OSError as exc:
+                self._drop_partial(start)
                 if not warned:
                     log.error("cannot write history path=%s error=%s; retrying", self.path, exc)
                     warned = True
                 if self._stop.wait(delay):
                     raise HistoryError(f"history not written: {exc}") from exc
                 delay = min(delay * 2, 30.0)
+
+    def _drop_partial(self, size: int) -> None:
+        """Cut a partly written line off again, so the retry cannot be glued to it."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            log.warning("cannot cut a partial history line path=%s error=%s", self.path, exc)
 
     def _seal_torn_tail(self) -> None:
         try:
