@@ -57,8 +57,8 @@ class History:
 
     Each event is written as one complete line with a single ``write`` and then fsynced.
     A failed write is cut off again before it is retried, and a line torn by a crash is
-    sealed with a newline at start-up, so no event is ever glued to another. When the disk is full the append is retried with
-    backoff until ``stop`` is set, and logged once.
+    sealed with a newline at start-up, so no event is ever glued to another. When the
+    disk is full the append is retried with backoff until ``stop`` is set, logged once.
     """
 
     def __init__(self, path: Path, *, stop: threading.Event | None = None) -> None:
