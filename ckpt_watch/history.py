@@ -77,8 +77,23 @@ class History:
         record: Event = {"v": VERSION, "ts": timestamp(), "event": event, **strict(fields)}
         line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
         with self._lock:
+            self._reopen_if_unlinked()
             self._write_durably(line)
         return record
+
+    def _reopen_if_unlinked(self) -> None:
+        """Open the path again when the file was deleted under us (its root was replaced)."""
+        try:
+            if os.fstat(self._fd).st_nlink > 0:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            log.warning("cannot reopen history path=%s error=%s", self.path, exc)
+            return
+        os.close(self._fd)
+        self._fd = fd
+        log.warning("history file was deleted; writing a new one path=%s", self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Events that say a state file may now be complete. "modified" fires during the write
 # and "opened"/"closed_no_write" come from readers (our own reads among them).
 _STATE_EVENTS = frozenset({"closed", "created", "moved", "deleted"})
+# A directory "modified" event only says that something inside it changed.
+_TREE_EVENTS = frozenset({"created", "moved", "deleted"})
 _RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -86,12 +88,12 @@ def route(root: Path, path: str, *, is_directory: bool, kind: str) -> tuple[str,
             continue
         run = root.joinpath(*parts[:index])
         depth = len(parts) - index
-        if depth == 1 and is_directory:
+        if depth == 1 and is_directory and kind in _TREE_EVENTS:
             return ("run", run)
         if depth == 2 and parts[-1] == STATE_FILE and kind in _STATE_EVENTS:
             return ("run", run)
         return None  # inside a checkpoint: weights, optimizer, DeepSpeed shards
-    if is_directory and kind in ("created", "moved", "deleted"):
+    if is_directory and kind in _TREE_EVENTS:
         return ("tree", root.joinpath(*parts))
     return None
 
