@@ -86,7 +86,8 @@ class History:
         try:
             if os.fstat(self._fd).st_nlink > 0:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Only our own directory is made again: a deleted root stays deleted.
+            self.path.parent.mkdir(exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             log.warning("cannot reopen history path=%s error=%s", self.path, exc)
