@@ -287,3 +287,40 @@ def test_route(
         assert target is None
     else:
         assert target == (expected[0], tmp_path / expected[1])
+
+
+def test_dead_watch_is_recreated_and_rescanned(running: Running) -> None:
+    """If the observer's watch dies, the health check watches again and catches up."""
+    observer = running.daemon._observer
+    for emitter in list(observer.emitters):
+        emitter.stop()
+        emitter.join(5)
+    write_run(running.root / "run", {100: 0.5})
+
+    assert wait_until(lambda: running.names() == ["checkpoint-100"])
+    assert running.daemon.observer_alive
+    write_like_the_trainer(running.root / "run" / "checkpoint-200", state(200, 0.4))
+    assert wait_until(lambda: running.names() == ["checkpoint-100", "checkpoint-200"])
+
+
+def test_error_while_routing_does_not_kill_the_observer(
+    running: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception on the observer thread is logged; later events still arrive."""
+    calls = Counter[str]()
+    real_route = watch.route
+
+    def failing_once(*args: object, **kwargs: object) -> object:
+        calls["route"] += 1
+        if calls["route"] == 1:
+            raise RuntimeError("boom")
+        return real_route(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watch, "route", failing_once)
+    with caplog.at_level("ERROR"):
+        (running.root / "noise").mkdir()
+        assert wait_until(lambda: "cannot route filesystem event" in caplog.text)
+
+    write_run(running.root / "run", {100: 0.5})
+    assert wait_until(lambda: running.names() == ["checkpoint-100"])
+    assert running.daemon.observer_alive
