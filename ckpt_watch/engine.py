@@ -287,6 +287,7 @@ class Engine:
         for checkpoint in sorted((c for c in fresh if c is not None), key=lambda c: c.step):
             self._take(track, checkpoint)
         self._announce_if_better(track)
+        self.history.sync()
         # A run whose directory is gone stays tracked: if a training starts there again,
         # it is a new incarnation, and the history must say so.
         return bool(track.pending)
@@ -401,7 +402,12 @@ class Engine:
     def _record_checkpoint(self, track: RunTrack, known: Known) -> None:
         extra = {"baseline": True} if self.baseline else {}
         self.history.append(
-            "checkpoint", run=track.name, metric=self.metric.name, **known.fields(), **extra
+            "checkpoint",
+            sync=False,  # synced with the run's new_best or at the end of the reaction
+            run=track.name,
+            metric=self.metric.name,
+            **known.fields(),
+            **extra,
         )
         log.info(
             "checkpoint run=%s checkpoint=%s %s=%s",
@@ -414,6 +420,7 @@ class Engine:
     def _record_removed(self, track: RunTrack, known: Known) -> None:
         self.history.append(
             "removed",
+            sync=False,
             run=track.name,
             checkpoint=known.name,
             step=known.step,
