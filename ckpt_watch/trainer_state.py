@@ -124,7 +124,10 @@ def _read_bytes(file: Path, max_bytes: int) -> tuple[bytes, int, int]:
             info = os.fstat(handle.fileno())
             if info.st_size > max_bytes:
                 raise StateError(f"{STATE_FILE} is {info.st_size} bytes, over the {max_bytes} cap")
-            data = handle.read(max_bytes + 1)
+            # Ask for the size fstat saw, not the cap: a read allocates all it is asked for.
+            data = handle.read(info.st_size + 1)
+            if len(data) > info.st_size:  # it grew since fstat; read on up to the cap
+                data += handle.read(max_bytes + 1 - len(data))
     except FileNotFoundError as exc:
         raise StateVanishedError(f"no {STATE_FILE}") from exc
     except IsADirectoryError as exc:
@@ -139,7 +142,7 @@ def _read_bytes(file: Path, max_bytes: int) -> tuple[bytes, int, int]:
 
 def parse_state(data: bytes) -> TrainerState:
     """Parse the bytes of a state file. Raises StateError with a one-line reason."""
-    if not data.strip():
+    if not data or data.isspace():  # not data.strip(), which copies the whole file
         raise StateError("empty file (save interrupted or in progress)")
     if not data.isascii():  # the Trainer writes ASCII only; anything else must still be UTF-8
         try:
