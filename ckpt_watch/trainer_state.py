@@ -195,7 +195,7 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
 
     eval_rows: list[bytes] = []
     cursor = body
-    while (hit := data.find(_EVAL_KEY, cursor, closing)) >= 0:
+    while (hit := _find_eval_key(data, cursor, closing)) >= 0:
         start = data.rfind(_ROW_OPEN, body, hit)
         end = data.find(_ROW_CLOSE, hit, closing + 1) + len(_ROW_CLOSE)
         if start < 0 or end < len(_ROW_CLOSE):
@@ -208,6 +208,20 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
         return None
 
     return _outer_with_rows(data[:opening], data[closing + len(_LOG_CLOSE) :], rows)
+
+
+def _find_eval_key(data: bytes, start: int, end: int) -> int:
+    """``data.find(_EVAL_KEY, start, end)``, faster on the Trainer's logs.
+
+    Training rows hold no "v", so a one-byte search (memchr) skips straight to the next
+    evaluation row; every hit has its "v" two bytes in. A "v" elsewhere costs one plain search.
+    """
+    letter = data.find(b"v", start + 2, end)
+    if letter < 0:
+        return -1
+    if data.startswith(_EVAL_KEY, letter - 2, end):
+        return letter - 2
+    return data.find(_EVAL_KEY, letter - 1, end)
 
 
 def _outer_with_rows(head: bytes, tail: bytes, rows: list[Any]) -> TrainerState | None:

@@ -1,4 +1,4 @@
-"""Reading state files: reads sized to the file, files that grow, blank files."""
+"""Reading state files: bounded reads, files that grow, and the fast search for eval rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import tracemalloc
 from pathlib import Path
 
 from factories import dumps, trainer_state, write_checkpoint
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ckpt_watch.trainer_state import parse_state, read_checkpoint
+from ckpt_watch.trainer_state import _find_eval_key, parse_state, read_checkpoint
 
 
 def _feed_fifo(fifo: Path, content: bytes) -> threading.Thread:
@@ -90,3 +92,13 @@ def test_blanks_around_a_state_do_not_matter() -> None:
     state = parse_state(b"\n \t" + content + b"\r\n  ")
 
     assert state.evals == {200: {"eval_loss": 0.5}}
+
+
+@given(
+    data=st.binary(max_size=60).map(lambda raw: bytes(b'"eval_vx'[b % 8] for b in raw)),
+    start=st.integers(min_value=0, max_value=64),
+    end=st.integers(min_value=0, max_value=64),
+)
+def test_eval_key_search_finds_what_a_plain_search_finds(data: bytes, start: int, end: int) -> None:
+    """The memchr-first search for '"eval_' returns exactly the position bytes.find returns."""
+    assert _find_eval_key(data, start, end) == data.find(b'"eval_', start, end)
