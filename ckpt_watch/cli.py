@@ -11,6 +11,7 @@ import typer
 
 from ckpt_watch import __version__
 from ckpt_watch.check import NothingToCheckError, check_path
+from ckpt_watch.notify import NotifyConfigError, load_targets, send_test
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
 from ckpt_watch.report import Style, plain, write_json, write_text
 
@@ -100,6 +101,38 @@ def check(
         write_json(reports, sys.stdout)
     else:
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
+
+
+@app.command("notify-test")
+def notify_test(
+    notify: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--notify",
+            help="An apprise URL; repeat for several. Default: $CKPT_WATCH_NOTIFY (URLs "
+            "separated by spaces or commas).",
+        ),
+    ] = None,
+    notify_config: Annotated[
+        Path | None, typer.Option("--notify-config", help="An apprise YAML or text config file.")
+    ] = None,
+) -> None:
+    """Send one test message to each notification target and say how each went."""
+    try:
+        urls = load_targets(notify or [], notify_config)
+    except NotifyConfigError as exc:
+        fail(str(exc), 2)
+    if not urls:
+        fail("no notification target: give --notify URL, CKPT_WATCH_NOTIFY or --notify-config", 2)
+    failed = 0
+    for masked, outcome in send_test(urls):
+        if outcome.ok:
+            typer.echo(f"ok      {masked}")
+        else:
+            failed += 1
+            typer.echo(f"failed  {masked}  {outcome.error}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
