@@ -8,6 +8,7 @@ URLs passed to :func:`protect` when it is created, so no handler ever sees them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -43,6 +44,7 @@ _protected: set[str] = set()
 _installed = False
 
 
+@functools.lru_cache(maxsize=256)
 def mask(url: str) -> str:
     """The target as it may be shown: apprise's masked form, without options or path tokens."""
     with guarding(url):
