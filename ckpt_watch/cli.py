@@ -16,6 +16,7 @@ from ckpt_watch.history import replay
 from ckpt_watch.history_table import select, table
 from ckpt_watch.logsetup import FORMATS, LEVELS
 from ckpt_watch.logsetup import configure as configure_logging
+from ckpt_watch.notify import NotifyConfigError, load_targets, send_test
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
 from ckpt_watch.report import Style, plain, write_json, write_text
 from ckpt_watch.service import DaemonSettings, StartError, default_history, serve
@@ -166,6 +167,38 @@ def show_history(
         typer.echo(json.dumps({"events": events}, allow_nan=False))
     else:
         typer.echo("\n".join(table(events)))
+
+
+@app.command("notify-test")
+def notify_test(
+    notify: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--notify",
+            help="An apprise URL; repeat for several. Default: $CKPT_WATCH_NOTIFY (URLs "
+            "separated by spaces or commas).",
+        ),
+    ] = None,
+    notify_config: Annotated[
+        Path | None, typer.Option("--notify-config", help="An apprise YAML or text config file.")
+    ] = None,
+) -> None:
+    """Send one test message to each notification target and say how each went."""
+    try:
+        urls = load_targets(notify or [], notify_config)
+    except NotifyConfigError as exc:
+        fail(str(exc), 2)
+    if not urls:
+        fail("no notification target: give --notify URL, CKPT_WATCH_NOTIFY or --notify-config", 2)
+    failed = 0
+    for masked, outcome in send_test(urls):
+        if outcome.ok:
+            typer.echo(f"ok      {masked}")
+        else:
+            failed += 1
+            typer.echo(f"failed  {masked}  {outcome.error}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
