@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -11,7 +12,9 @@ from typing import Annotated, NoReturn
 import typer
 
 from ckpt_watch import __version__
+from ckpt_watch.announce import MinDeltaError, parse_min_delta
 from ckpt_watch.check import NothingToCheckError, check_path
+from ckpt_watch.engine import AnnouncePolicy
 from ckpt_watch.history import replay
 from ckpt_watch.history_table import select, table
 from ckpt_watch.logsetup import FORMATS, LEVELS
@@ -37,6 +40,18 @@ MetricOption = Annotated[
         "eval_accuracy).",
     ),
 ]
+NotifyOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--notify",
+        help="An apprise URL; repeat for several. Default: $CKPT_WATCH_NOTIFY (URLs "
+        "separated by spaces or commas).",
+    ),
+]
+NotifyConfigOption = Annotated[
+    Path | None, typer.Option("--notify-config", help="An apprise YAML or text config file.")
+]
+ANNOUNCEABLE = frozenset({"new_best", "finished", "stalled", "nonfinite"})
 ModeOption = Annotated[
     str | None,
     typer.Option(
@@ -51,6 +66,26 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit: the way every user error ends."""
     typer.echo(f"ckpt-watch: {message}", err=True)
     raise typer.Exit(code)
+
+
+def targets_from(notify: list[str] | None, config: Path | None) -> list[str]:
+    try:
+        return load_targets(notify or [], config)
+    except NotifyConfigError as exc:
+        fail(str(exc), 2)
+
+
+def policy_from(announce: str, min_delta: str, stall_factor: float) -> AnnouncePolicy:
+    kinds = frozenset(kind.strip() for kind in announce.split(",") if kind.strip())
+    unknown = kinds - ANNOUNCEABLE
+    if unknown:
+        allowed = ", ".join(sorted(ANNOUNCEABLE))
+        fail(f"--announce takes {allowed}; not {', '.join(sorted(unknown))}", 2)
+    try:
+        parse_min_delta(min_delta)
+    except MinDeltaError as exc:
+        fail(str(exc), 2)
+    return AnnouncePolicy(kinds, min_delta, stall_factor, socket.gethostname())
 
 
 def metric_from(name: str, mode: str | None) -> Metric:
@@ -127,6 +162,26 @@ def start(
         float,
         typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events."),
     ] = 300.0,
+    notify: NotifyOption = None,
+    notify_config: NotifyConfigOption = None,
+    announce: Annotated[
+        str,
+        typer.Option(
+            help="What to announce, comma-separated: new_best, finished, stalled, nonfinite."
+        ),
+    ] = "new_best",
+    min_delta: Annotated[
+        str,
+        typer.Option(help="Announce only improvements of at least this much: 0.01, or 1%."),
+    ] = "",
+    coalesce: Annotated[
+        float,
+        typer.Option(min=0.0, help="New bests of one run within SECONDS make one message."),
+    ] = 10.0,
+    stall_factor: Annotated[
+        float,
+        typer.Option(min=1.0, help="Stalled: no checkpoint for this many usual intervals."),
+    ] = 3.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
@@ -135,13 +190,16 @@ def start(
         fail(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}", 2)
     if log_format not in FORMATS:
         fail(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}", 2)
-    configure_logging(log_level, log_format)
     settings = DaemonSettings(
         root=root,
         metric=metric_from(metric, mode),
         history=history,
         watch=WatchSettings(poll=poll, reconcile=reconcile),
+        notify=targets_from(notify, notify_config),
+        policy=policy_from(announce, min_delta, stall_factor),
+        coalesce=coalesce,
     )
+    configure_logging(log_level, log_format)  # after the checks, which report in one line
     try:
         serve(settings)
     except StartError as exc:
@@ -170,24 +228,9 @@ def show_history(
 
 
 @app.command("notify-test")
-def notify_test(
-    notify: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--notify",
-            help="An apprise URL; repeat for several. Default: $CKPT_WATCH_NOTIFY (URLs "
-            "separated by spaces or commas).",
-        ),
-    ] = None,
-    notify_config: Annotated[
-        Path | None, typer.Option("--notify-config", help="An apprise YAML or text config file.")
-    ] = None,
-) -> None:
+def notify_test(notify: NotifyOption = None, notify_config: NotifyConfigOption = None) -> None:
     """Send one test message to each notification target and say how each went."""
-    try:
-        urls = load_targets(notify or [], notify_config)
-    except NotifyConfigError as exc:
-        fail(str(exc), 2)
+    urls = targets_from(notify, notify_config)
     if not urls:
         fail("no notification target: give --notify URL, CKPT_WATCH_NOTIFY or --notify-config", 2)
     failed = 0

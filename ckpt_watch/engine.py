@@ -5,15 +5,18 @@ Plain code with no threads: the watcher decides when to call it, tests call it d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpt_watch.announce import Announcement, Kind, make_id, worth_announcing
 from ckpt_watch.check import relative_name
 from ckpt_watch.history import Event, History, number
 from ckpt_watch.ranking import Metric, shares_history
@@ -33,7 +36,19 @@ log = logging.getLogger(__name__)
 # progress: say so once.
 INCOMPLETE_GRACE = 30.0
 
-NewBestHook = Callable[[Event], None]
+Deliver = Callable[[Announcement], None]
+# No run is called stalled sooner than this, however fast it saved before.
+MIN_STALL_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnnouncePolicy:
+    """Which events are news for people, and how small an improvement is not."""
+
+    kinds: frozenset[str] = frozenset({"new_best"})
+    min_delta: str = ""
+    stall_factor: float = 3.0
+    host: str = ""
 
 
 @dataclass(slots=True)
@@ -122,6 +137,10 @@ class RunTrack:
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)
     reached: float | None = None
     reached_by: str | None = None
+    announced: float | None = None  # the last new best people were told of
+    finished: bool = False
+    stalled_after: str | None = None  # the newest checkpoint when a stall was recorded
+    saved_at: dict[str, int] = field(default_factory=dict)  # mtime_ns of each save
     pending: dict[str, float] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
 
@@ -132,6 +151,10 @@ class RunTrack:
         self.seen.clear()
         self.reached = None
         self.reached_by = None
+        self.announced = None
+        self.finished = False
+        self.stalled_after = None
+        self.saved_at.clear()
 
     def continues_with(self, known: Known) -> bool:
         """Whether a newly read checkpoint belongs to the training this run is in."""
@@ -152,6 +175,7 @@ class RunTrack:
         self.fingerprint = (max_steps or known.max_steps, first_row or known.first_row)
         if known.value is not None and math.isfinite(known.value):
             self.seen[known.name] = (known.step, known.value)
+        self.saved_at[known.name] = known.mtime_ns
 
     def best_seen(self, metric: Metric) -> tuple[str, int, float] | None:
         """The best value this incarnation has reached; ties go to the earlier step."""
@@ -186,13 +210,15 @@ class Engine:
         metric: Metric,
         history: History,
         *,
-        on_new_best: NewBestHook | None = None,
+        policy: AnnouncePolicy | None = None,
+        deliver: Deliver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
         self.metric = metric
         self.history = history
-        self.on_new_best = on_new_best
+        self.policy = policy or AnnouncePolicy()
+        self.deliver = deliver
         self.clock = clock
         self.runs: dict[str, RunTrack] = {}
         self.baseline = True
@@ -211,7 +237,7 @@ class Engine:
             if kind == "started":
                 self.baseline = event.get("metric") != self.metric.name
                 metric_changed = self.baseline
-            elif kind in ("checkpoint", "new_best", "removed", "pruned"):
+            elif kind in ("checkpoint", "new_best", "removed", "pruned", "finished", "stalled"):
                 self._replay(kind, event)
         if metric_changed:
             log.info("metric changed to %s: taking the tree as a new baseline", self.metric.name)
@@ -229,8 +255,15 @@ class Engine:
             track.adopt(known)
             if event.get("baseline"):
                 self._raise_reached(track, known.name, known.value)
+                track.announced = track.reached  # the baseline is what people know already
         elif kind == "new_best":
             self._raise_reached(track, name, number(event.get("value")))
+            if "announce" in event:
+                track.announced = number(event.get("value"))
+        elif kind == "finished":
+            track.finished = True
+        elif kind == "stalled":
+            track.stalled_after = name
         else:
             track.known.pop(name, None)
 
@@ -243,6 +276,10 @@ class Engine:
     def first_scan(self) -> bool:
         """Bring the records up to date with the tree; True if a state is still pending."""
         pending = self.reconcile()
+        if self.baseline:
+            # Runs that stopped long before the first start are history, not news.
+            for track in self.runs.values():
+                track.stalled_after = self._newest_saved(track)
         self.baseline = False
         return pending
 
@@ -287,6 +324,7 @@ class Engine:
         for checkpoint in sorted((c for c in fresh if c is not None), key=lambda c: c.step):
             self._take(track, checkpoint)
         self._announce_if_better(track)
+        self._check_finished(track)
         self.history.sync()
         # A run whose directory is gone stays tracked: if a training starts there again,
         # it is a new incarnation, and the history must say so.
@@ -345,6 +383,8 @@ class Engine:
         self._lend_values(track, checkpoint)
         track.adopt(known)
         self._record_checkpoint(track, known)
+        if known.value is not None and not math.isfinite(known.value) and not self.baseline:
+            self._news("nonfinite", track, self._about(track, known, known.value))
 
     def _lend_values(self, track: RunTrack, newer: Checkpoint) -> None:
         """Give older checkpoints of this training the evaluation logged after their save."""
@@ -371,21 +411,17 @@ class Engine:
         previous, previous_value = track.reached_by, track.reached
         track.reached, track.reached_by = value, name
         if self.baseline:
+            track.announced = value
             return
         known = track.known.get(name)
-        event = self.history.append(
-            "new_best",
-            run=track.name,
-            checkpoint=name,
-            step=step,
-            metric=self.metric.name,
-            value=value,
-            epoch=known.epoch if known else None,
-            previous=previous,
-            previous_value=previous_value,
-            incarnation=track.incarnation,
-            path=str((track.path / name).absolute()),
-        )
+        fields = {
+            **self._about(track, known, value, name=name, step=step),
+            "previous": previous,
+            "previous_value": previous_value,
+        }
+        worth = worth_announcing(value, track.announced, self.metric.mode, self.policy.min_delta)
+        if self._news("new_best", track, fields, wanted=worth):
+            track.announced = value
         log.info(
             "new best run=%s checkpoint=%s %s=%s previous=%s",
             track.name,
@@ -394,8 +430,108 @@ class Engine:
             value,
             previous_value,
         )
-        if self.on_new_best is not None:
-            self.on_new_best(event)
+
+    def _check_finished(self, track: RunTrack) -> None:
+        """A run whose newest checkpoint reached ``max_steps`` is finished: say so once."""
+        newest = max(
+            (k for k in track.known.values() if k.incarnation == track.incarnation),
+            key=lambda k: k.step,
+            default=None,
+        )
+        if track.finished or newest is None or newest.max_steps is None:
+            return
+        if newest.step < newest.max_steps:
+            return
+        track.finished = True
+        if self.baseline:
+            return
+        best = track.best_seen(self.metric)
+        name, step, value = best if best else (newest.name, newest.step, None)
+        fields = self._about(track, track.known.get(name), value, name=name, step=step)
+        fields["note"] = f"Reached max_steps {newest.max_steps} at {newest.name}."
+        self._news("finished", track, fields)
+
+    def check_stalls(self, now: float | None = None) -> None:
+        """Record a run that saved nothing for ``stall_factor`` times its usual interval."""
+        now_ns = int((time.time() if now is None else now) * 1e9)
+        for track in self.runs.values():
+            newest = self._newest_saved(track)
+            if track.finished or newest is None or track.stalled_after == newest:
+                continue
+            times = sorted(track.saved_at.values())[-11:]
+            if len(times) < 3:
+                continue
+            usual = statistics.median(b - a for a, b in itertools.pairwise(times))
+            quiet = now_ns - times[-1]
+            if quiet < max(usual * self.policy.stall_factor, MIN_STALL_SECONDS * 1e9):
+                continue
+            track.stalled_after = newest
+            known = track.known.get(newest)
+            fields = self._about(track, known, known.value if known else None, name=newest)
+            fields["note"] = (
+                f"No checkpoint for {quiet / 60e9:.0f} min; it usually saves every "
+                f"{usual / 60e9:.1f} min."
+            )
+            self._news("stalled", track, fields)
+            self.history.sync()
+
+    def _newest_saved(self, track: RunTrack) -> str | None:
+        if not track.saved_at:
+            return None
+        return max(track.saved_at, key=lambda name: track.saved_at[name])
+
+    def _about(
+        self,
+        track: RunTrack,
+        known: Known | None,
+        value: float | None,
+        *,
+        name: str | None = None,
+        step: int | None = None,
+    ) -> dict[str, Any]:
+        """The fields every event about one checkpoint of a run carries."""
+        name = name or (known.name if known else None)
+        return {
+            "run": track.name,
+            "checkpoint": name,
+            "step": step if step is not None else (known.step if known else None),
+            "metric": self.metric.name,
+            "value": value,
+            "epoch": known.epoch if known else None,
+            "incarnation": track.incarnation,
+            "path": str((track.path / name).absolute()) if name else None,
+        }
+
+    def _news(
+        self, kind: Kind, track: RunTrack, fields: dict[str, Any], *, wanted: bool = True
+    ) -> bool:
+        """Record an event; when the policy wants it announced, hand it to delivery too.
+
+        The announcement is recorded before it is handed on, so a crash in between leaves
+        it owed, and the next start delivers it.
+        """
+        announcement = None
+        if wanted and kind in self.policy.kinds:
+            announcement = Announcement(
+                id=make_id(kind, track.name, fields["checkpoint"], track.incarnation),
+                kind=kind,
+                run=track.name,
+                metric=self.metric.name,
+                value=fields["value"],
+                previous=fields.get("previous"),
+                previous_value=fields.get("previous_value"),
+                checkpoint=fields["checkpoint"],
+                step=fields["step"],
+                epoch=fields["epoch"],
+                path=fields["path"],
+                host=self.policy.host,
+                note=fields.get("note", ""),
+            )
+            fields = {**fields, **announcement.fields()}
+        self.history.append(kind, **fields)
+        if announcement is not None and self.deliver is not None:
+            self.deliver(announcement)
+        return announcement is not None
 
     # ----- records --------------------------------------------------------------------
 

@@ -7,13 +7,14 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from ckpt_watch.engine import Engine
-from ckpt_watch.history import History, HistoryError, replay
+from ckpt_watch.engine import AnnouncePolicy, Engine
+from ckpt_watch.history import Event, History, HistoryError, replay
 from ckpt_watch.lock import STATE_DIR, LockedError, RootLock
+from ckpt_watch.notify import Notifier, undelivered
 from ckpt_watch.ranking import Metric
 from ckpt_watch.watch import Daemon, WatchSettings
 
@@ -32,6 +33,11 @@ class DaemonSettings:
     metric: Metric
     history: Path | None = None
     watch: WatchSettings | None = None
+    notify: list[str] = field(default_factory=list)  # checked apprise URLs
+    policy: AnnouncePolicy = field(default_factory=AnnouncePolicy)
+    notify_timeout: float = 10.0  # per attempt
+    notify_give_up: float = 60.0  # all attempts of one message
+    coalesce: float = 10.0  # new bests of one run this close together make one message
 
     @property
     def history_path(self) -> Path:
@@ -60,8 +66,13 @@ def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None
 
 
 def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> None:
-    engine = Engine(settings.root, settings.metric, history)
-    engine.load(replay(history.path, on_bad_line=_skipped_line(history.path)))
+    engine = Engine(settings.root, settings.metric, history, policy=settings.policy)
+    events = list(replay(history.path, on_bad_line=_skipped_line(history.path)))
+    engine.load(events)
+    notifier = _start_notifier(settings, history, events)
+    del events
+    if notifier is not None:
+        engine.deliver = notifier.announce
     daemon = Daemon(engine, settings.watch or WatchSettings(), stop)
     restore = _install_signal_handlers(stop, daemon)
     log.info("starting pid=%d root=%s history=%s", os.getpid(), settings.root, history.path)
@@ -69,12 +80,33 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> N
         daemon.run()
     finally:
         restore()
+        if notifier is not None:
+            notifier.close(timeout=5.0)
         summary = engine.summary()
         try:
             history.append("stopped", pid=os.getpid(), runs=summary.runs)
         except HistoryError as exc:
             log.error("could not record the stop: %s", exc)
         log.info("stopped pid=%d root=%s", os.getpid(), settings.root)
+
+
+def _start_notifier(
+    settings: DaemonSettings, history: History, events: list[Event]
+) -> Notifier | None:
+    """The delivery worker, handed at once whatever an earlier run left undelivered."""
+    if not settings.notify:
+        return None
+    notifier = Notifier(
+        settings.notify,
+        history.append,
+        attempt_timeout=settings.notify_timeout,
+        give_up_after=settings.notify_give_up,
+        coalesce_window=settings.coalesce,
+    )
+    for announcement, targets in undelivered(events, settings.notify):
+        log.info("delivering what the last run left announce=%s", announcement.id)
+        notifier.announce(announcement, targets)
+    return notifier
 
 
 def _skipped_line(path: Path) -> Callable[[int, str], None]:

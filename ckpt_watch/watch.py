@@ -204,6 +204,7 @@ class Daemon:
                 next_scan = now + interval
             if now >= next_health:
                 self._check_health()
+                self._guard(self.root, self._check_stalls)
                 next_health = now + self.settings.health_every
             if self.on_tick:
                 self.on_tick(self)
@@ -310,6 +311,10 @@ class Daemon:
         self._stop_watching()
         self._start_watching()
         self._guard(self.root, self.engine.reconcile)
+
+    def _check_stalls(self) -> bool:
+        self.engine.check_stalls()
+        return False
 
     @property
     def observer_alive(self) -> bool:
