@@ -1,0 +1,173 @@
+"""What is known of each run: its checkpoints as recorded, and the bests it reached."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt_watch.history import Event, number
+from ckpt_watch.ranking import Metric
+from ckpt_watch.trainer_state import Checkpoint, TrainerState, last_component
+
+
+@dataclass(slots=True)
+class Known:
+    """A checkpoint as recorded: enough to rank it without reading its file again."""
+
+    name: str
+    step: int
+    value: float | None
+    epoch: float | None
+    size: int
+    mtime_ns: int
+    max_steps: int | None
+    first_row: str | None
+    trainer_best: str | None
+    incarnation: int = 0
+    value_from: str | None = None
+
+    @classmethod
+    def read(cls, checkpoint: Checkpoint, state: TrainerState, metric: Metric) -> Known:
+        best = state.best_model_checkpoint
+        return cls(
+            name=checkpoint.name,
+            step=checkpoint.step,
+            value=checkpoint.own_metrics.get(metric.name),
+            epoch=state.epoch,
+            size=checkpoint.size,
+            mtime_ns=checkpoint.mtime_ns,
+            max_steps=state.max_steps,
+            first_row=state.first_row,
+            trainer_best=last_component(best) if best else None,
+        )
+
+    @classmethod
+    def from_event(cls, event: Event) -> Known:
+        return cls(
+            name=str(event["checkpoint"]),
+            step=int(event["step"]),
+            value=number(event.get("value")),
+            epoch=number(event.get("epoch")),
+            size=int(event.get("size", -1)),
+            mtime_ns=int(event.get("mtime_ns", -1)),
+            max_steps=event.get("max_steps"),
+            first_row=event.get("first_row"),
+            trainer_best=event.get("trainer_best"),
+            incarnation=int(event.get("incarnation", 0)),
+            value_from=event.get("value_from"),
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """What a ``checkpoint`` event records, beside the run and metric."""
+        fields: dict[str, Any] = {
+            "checkpoint": self.name,
+            "step": self.step,
+            "value": self.value,
+            "epoch": self.epoch,
+            "incarnation": self.incarnation,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "max_steps": self.max_steps,
+            "first_row": self.first_row,
+            "trainer_best": self.trainer_best,
+        }
+        if self.value_from:
+            fields["value_from"] = self.value_from
+        return fields
+
+    def same_content(self, other: Known) -> bool:
+        """Whether a re-read file says what was recorded (a touch, a copy back in place)."""
+        mine = (self.step, self.first_row, self.max_steps, self.trainer_best)
+        theirs = (other.step, other.first_row, other.max_steps, other.trainer_best)
+        return mine == theirs and _same_number(self.value, other.value)
+
+
+@dataclass(slots=True)
+class RunTrack:
+    """What the engine knows of one run directory."""
+
+    name: str
+    path: Path
+    known: dict[str, Known] = field(default_factory=dict)
+    incarnation: int = 0
+    top_step: int = -1
+    fingerprint: tuple[int | None, str | None] = (None, None)
+    # Every value this incarnation has reached, removed checkpoints included.
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    reached: float | None = None
+    reached_by: str | None = None
+    announced: float | None = None  # the last new best people were told of
+    finished: bool = False
+    stalled_after: str | None = None  # the newest checkpoint when a stall was recorded
+    saved_at: dict[str, int] = field(default_factory=dict)  # mtime_ns of each save
+    pending: dict[str, float] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    def begin_incarnation(self, number: int) -> None:
+        self.incarnation = number
+        self.top_step = -1
+        self.fingerprint = (None, None)
+        self.seen.clear()
+        self.reached = None
+        self.reached_by = None
+        self.announced = None
+        self.finished = False
+        self.stalled_after = None
+        self.saved_at.clear()
+
+    def continues_with(self, known: Known) -> bool:
+        """Whether a newly read checkpoint belongs to the training this run is in."""
+        if self.top_step < 0:
+            return True
+        if known.step <= self.top_step:
+            return False  # steps went backwards: the run was started again
+        max_steps, first_row = self.fingerprint
+        if None not in (max_steps, known.max_steps) and max_steps != known.max_steps:
+            return False
+        return None in (first_row, known.first_row) or first_row == known.first_row
+
+    def adopt(self, known: Known) -> None:
+        known.incarnation = self.incarnation
+        self.known[known.name] = known
+        self.top_step = max(self.top_step, known.step)
+        max_steps, first_row = self.fingerprint
+        self.fingerprint = (max_steps or known.max_steps, first_row or known.first_row)
+        if known.value is not None and math.isfinite(known.value):
+            self.seen[known.name] = (known.step, known.value)
+        self.saved_at[known.name] = known.mtime_ns
+
+    def best_seen(self, metric: Metric) -> tuple[str, int, float] | None:
+        """The best value this incarnation has reached; ties go to the earlier step."""
+        seen = [(name, step, value) for name, (step, value) in self.seen.items()]
+        return min(seen, key=lambda item: _order(metric, item[2], item[1]), default=None)
+
+    def current_best(self, metric: Metric) -> Known | None:
+        """The best checkpoint still on disk in this incarnation."""
+        ranked = [
+            (_order(metric, known.value, known.step), known)
+            for known in self.known.values()
+            if known.incarnation == self.incarnation
+            and known.value is not None
+            and math.isfinite(known.value)
+        ]
+        return min(ranked, key=lambda item: item[0], default=(None, None))[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    runs: int
+    checkpoints: int
+    bests: int
+
+
+def _order(metric: Metric, value: float, step: int) -> tuple[float, int]:
+    """Sort key: the best value first, and the earlier step first among equals."""
+    return (value if metric.mode == "min" else -value, step)
+
+
+def _same_number(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
