@@ -198,11 +198,16 @@ def _log_rows(checkpoint_dir: Path) -> list[Any] | None:
     return rows if isinstance(rows, list) else None
 
 
+def last_component(best_model_checkpoint: str) -> str:
+    """The directory name in the Trainer's ``best_model_checkpoint``, written on any machine."""
+    return re.split(r"[\\/]", best_model_checkpoint.rstrip("/\\"))[-1]
+
+
 def _trainer_best(ordered: Sequence[Checkpoint]) -> TrainerBest | None:
     """The Trainer's own best, from the newest readable state (it is the most complete)."""
     newest = next((c for c in reversed(ordered) if c.state is not None), None)
     if newest is None or newest.state is None or not newest.state.best_model_checkpoint:
         return None
-    name = re.split(r"[\\/]", newest.state.best_model_checkpoint.rstrip("/\\"))[-1]
+    name = last_component(newest.state.best_model_checkpoint)
     on_disk = (newest.path.parent / name).is_dir()
     return TrainerBest(name, newest.state.best_metric, on_disk, newest.step)
