@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -11,8 +12,19 @@ import typer
 
 from ckpt_watch import __version__
 from ckpt_watch.check import NothingToCheckError, check_path
+from ckpt_watch.history import History, HistoryError
+from ckpt_watch.prune import prune_once
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
-from ckpt_watch.report import Style, plain, write_json, write_text
+from ckpt_watch.report import (
+    Style,
+    plain,
+    write_json,
+    write_outcomes,
+    write_plan_json,
+    write_plan_text,
+    write_text,
+)
+from ckpt_watch.retention import RetentionError, RetentionRules, plan_tree
 
 app = typer.Typer(
     add_completion=False,
@@ -100,6 +112,95 @@ def check(
         write_json(reports, sys.stdout)
     else:
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
+
+
+@app.command()
+def prune(
+    path: Annotated[Path, typer.Argument(help="A run, or a tree of runs at any depth.")],
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            "--keep",
+            metavar="N",
+            help="Keep the best plus the newest checkpoints, N in all (save_total_limit).",
+        ),
+    ] = None,
+    keep_top: Annotated[
+        int | None, typer.Option("--keep-top", metavar="K", help="Keep the K best by the metric.")
+    ] = None,
+    keep_every: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-every", metavar="STEPS", help="Keep every checkpoint whose step is a multiple."
+        ),
+    ] = None,
+    metric: MetricOption = "eval_loss",
+    mode: ModeOption = None,
+    strip: Annotated[
+        bool,
+        typer.Option(
+            "--strip",
+            help="Instead of deleting, remove only optimizer, scheduler, RNG and DeepSpeed "
+            "state; weights and trainer_state.json stay.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and touch nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Prune without asking.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    history: Annotated[
+        Path | None,
+        typer.Option(
+            "--history",
+            metavar="FILE",
+            help="Where to record what was pruned. Default: PATH/.ckpt-watch/history.jsonl.",
+        ),
+    ] = None,
+) -> None:
+    """Delete (or strip) the checkpoints no rule keeps; protected ones are never touched."""
+    chosen = metric_from(metric, mode)
+    try:
+        rules = RetentionRules(keep, keep_top, keep_every, strip=strip)
+    except RetentionError as exc:
+        fail(str(exc), 2)
+    try:
+        plan = plan_tree(path, chosen, rules, now=time.time())
+    except (NothingToCheckError, RetentionError) as exc:
+        fail(str(exc))
+
+    if as_json:
+        write_plan_json(plan, sys.stdout)
+    else:
+        write_plan_text(plan, sys.stdout, terminal_style(sys.stdout))
+    let_go = sum(decision.action != "keep" for decision in plan)
+    if dry_run or not let_go:
+        return
+    if not yes:
+        confirm(f"{'Strip' if strip else 'Delete'} {let_go} checkpoint(s) under {path}?")
+
+    try:
+        log = History(history or path / ".ckpt-watch" / "history.jsonl")
+    except HistoryError as exc:
+        fail(str(exc))
+    try:
+        outcomes = prune_once(path, chosen, rules, plan, log.append)
+    finally:
+        log.close()
+    write_outcomes(outcomes, sys.stderr if as_json else sys.stdout)
+
+
+def stdin_is_tty() -> bool:
+    """Whether a person can be asked (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+def confirm(question: str) -> None:
+    """Ask a person at a terminal; anything but yes, or no terminal, ends without pruning."""
+    if not stdin_is_tty():
+        fail("not a terminal, so cannot ask: add --yes to prune, or --dry-run to only look")
+    if not typer.confirm(question, default=False, err=True):
+        fail("nothing pruned")
 
 
 def main() -> None:
