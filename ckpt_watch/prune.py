@@ -9,6 +9,7 @@ import queue
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,8 +89,9 @@ class Pruner:
     def apply(self, decisions: Iterable[Decision], *, root: Path) -> list[Outcome]:
         """Carry out the delete and strip decisions of a plan made under ``root``.
 
-        Each is checked again right before it is carried out, against the tree as it is
-        now and the rest of its run's plan; anything doubtful is skipped and said so.
+        Pass each run's whole plan, keep decisions included: each deletion is checked
+        again right before it happens, against the tree as it is now and the rest of its
+        run's plan, and anything doubtful is skipped and said so.
         """
         if self._closed:
             raise PrunerClosedError("pruner is closed")
@@ -347,7 +349,7 @@ def tree_size(path: Path) -> int:
             info = os.lstat(current)
         except OSError:
             continue
-        if os.path.isdir(current) and not os.path.islink(current):
+        if stat.S_ISDIR(info.st_mode):
             try:
                 with os.scandir(current) as entries:
                     pending.extend(Path(entry.path) for entry in entries)

@@ -199,7 +199,6 @@ def write_plan_text(decisions: Sequence[Decision], out: TextIO, style: Style = p
 
 def write_outcomes(outcomes: Iterable[Outcome], out: TextIO) -> None:
     """One line per checkpoint deleted, stripped, gone or skipped, then the space freed."""
-    verbs = {"pruned": "deleted", "stripped": "stripped", "gone": "already gone:"}
     freed = 0
     for outcome in outcomes:
         decision = outcome.decision
@@ -207,9 +206,10 @@ def write_outcomes(outcomes: Iterable[Outcome], out: TextIO) -> None:
         if outcome.result == "skipped":
             out.write(f"kept {where}: {outcome.detail}\n")
         elif outcome.result == "gone":
-            out.write(f"{verbs['gone']} {where}\n")
+            out.write(f"already gone: {where}\n")
         else:
-            out.write(f"{verbs[outcome.result]} {where} ({format_bytes(outcome.bytes)})\n")
+            verb = "deleted" if outcome.result == "pruned" else "stripped"
+            out.write(f"{verb} {where} ({format_bytes(outcome.bytes)})\n")
         freed += outcome.bytes
     out.write(f"freed {format_bytes(freed)}\n")
 

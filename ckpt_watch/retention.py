@@ -68,8 +68,11 @@ class RetentionRules:
         return ", ".join(f"{flag} {value}" for flag, value in self._given())
 
     def _given(self) -> list[tuple[str, int]]:
-        pairs = [("--keep", self.keep), ("--keep-top", self.keep_top)]
-        pairs.append(("--keep-every", self.keep_every))
+        pairs = (
+            ("--keep", self.keep),
+            ("--keep-top", self.keep_top),
+            ("--keep-every", self.keep_every),
+        )
         return [(flag, value) for flag, value in pairs if value is not None]
 
 
