@@ -29,6 +29,12 @@ def check_path(path: Path, metric: Metric) -> Iterator[RunReport]:
 
     Raises NothingToCheckError before yielding anything when there is nothing to rank.
     """
+    runs = runs_under(path)
+    return (_report(run, path, metric) for run in runs)
+
+
+def runs_under(path: Path) -> list[RunDir]:
+    """The runs under ``path``; raises NothingToCheckError when there is none."""
     if not path.exists():
         raise NothingToCheckError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -36,7 +42,7 @@ def check_path(path: Path, metric: Metric) -> Iterator[RunReport]:
     runs = find_runs(path)
     if not runs:
         raise NothingToCheckError(f"{path}: no checkpoint-<step> directories found")
-    return (_report(run, path, metric) for run in runs)
+    return runs
 
 
 def read_run(run: RunDir) -> list[Checkpoint]:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -15,13 +16,23 @@ from ckpt_watch import __version__
 from ckpt_watch.announce import MinDeltaError, parse_min_delta
 from ckpt_watch.check import NothingToCheckError, check_path
 from ckpt_watch.engine import AnnouncePolicy
-from ckpt_watch.history import replay
+from ckpt_watch.history import History, HistoryError, replay
 from ckpt_watch.history_table import select, table
 from ckpt_watch.logsetup import FORMATS, LEVELS
 from ckpt_watch.logsetup import configure as configure_logging
 from ckpt_watch.notify import NotifyConfigError, load_targets, send_test
+from ckpt_watch.prune import prune_once
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
-from ckpt_watch.report import Style, plain, write_json, write_text
+from ckpt_watch.report import (
+    Style,
+    plain,
+    write_json,
+    write_outcomes,
+    write_plan_json,
+    write_plan_text,
+    write_text,
+)
+from ckpt_watch.retention import RetentionError, RetentionRules, plan_tree
 from ckpt_watch.service import DaemonSettings, StartError, default_history, serve
 from ckpt_watch.watch import WatchSettings
 
@@ -242,6 +253,94 @@ def notify_test(notify: NotifyOption = None, notify_config: NotifyConfigOption =
             typer.echo(f"failed  {masked}  {outcome.error}")
     if failed:
         raise typer.Exit(1)
+
+
+def prune(
+    path: Annotated[Path, typer.Argument(help="A run, or a tree of runs at any depth.")],
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            "--keep",
+            metavar="N",
+            help="Keep the best plus the newest checkpoints, N in all (save_total_limit).",
+        ),
+    ] = None,
+    keep_top: Annotated[
+        int | None, typer.Option("--keep-top", metavar="K", help="Keep the K best by the metric.")
+    ] = None,
+    keep_every: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-every", metavar="STEPS", help="Keep every checkpoint whose step is a multiple."
+        ),
+    ] = None,
+    metric: MetricOption = "eval_loss",
+    mode: ModeOption = None,
+    strip: Annotated[
+        bool,
+        typer.Option(
+            "--strip",
+            help="Instead of deleting, remove only optimizer, scheduler, RNG and DeepSpeed "
+            "state; weights and trainer_state.json stay.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and touch nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Prune without asking.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    history: Annotated[
+        Path | None,
+        typer.Option(
+            "--history",
+            metavar="FILE",
+            help="Where to record what was pruned. Default: PATH/.ckpt-watch/history.jsonl.",
+        ),
+    ] = None,
+) -> None:
+    """Delete (or strip) the checkpoints no rule keeps; protected ones are never touched."""
+    chosen = metric_from(metric, mode)
+    try:
+        rules = RetentionRules(keep, keep_top, keep_every, strip=strip)
+    except RetentionError as exc:
+        fail(str(exc), 2)
+    try:
+        plan = plan_tree(path, chosen, rules, now=time.time())
+    except (NothingToCheckError, RetentionError) as exc:
+        fail(str(exc))
+
+    if as_json:
+        write_plan_json(plan, sys.stdout)
+    else:
+        write_plan_text(plan, sys.stdout, terminal_style(sys.stdout))
+    let_go = sum(decision.action != "keep" for decision in plan)
+    if dry_run or not let_go:
+        return
+    if not yes:
+        confirm(f"{'Strip' if strip else 'Delete'} {let_go} checkpoint(s) under {path}?")
+
+    try:
+        log = History(history or path / ".ckpt-watch" / "history.jsonl")
+    except HistoryError as exc:
+        fail(str(exc))
+    try:
+        outcomes = prune_once(path, chosen, rules, plan, log.append)
+    finally:
+        log.close()
+    write_outcomes(outcomes, sys.stderr if as_json else sys.stdout)
+
+
+def stdin_is_tty() -> bool:
+    """Whether a person can be asked (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+def confirm(question: str) -> None:
+    """Ask a person at a terminal; anything but yes, or no terminal, ends without pruning."""
+    if not stdin_is_tty():
+        fail("not a terminal, so cannot ask: add --yes to prune, or --dry-run to only look")
+    if not typer.confirm(question, default=False, err=True):
+        fail("nothing pruned")
 
 
 def main() -> None:

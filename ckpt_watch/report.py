@@ -1,14 +1,16 @@
-"""Render ``check`` results: the text report people read and the JSON scripts read."""
+"""Render results (``check`` reports, ``prune`` plans): text people read, JSON scripts read."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 from ckpt_watch.check import RunReport
+from ckpt_watch.prune import Outcome
 from ckpt_watch.ranking import Ranked
+from ckpt_watch.retention import Decision
 
 RULE = "=" * 70
 Style = Callable[[str, str], str]
@@ -170,3 +172,52 @@ def _row(cells: tuple[str, ...], widths: list[int]) -> str:
 
 def _value_label(metric_name: str) -> str:
     return "Validation Loss" if metric_name == "eval_loss" else metric_name
+
+
+def write_plan_json(decisions: Iterable[Decision], out: TextIO) -> None:
+    """Write ``{"checkpoints": [...]}`` with each checkpoint's action and reason."""
+    rows = [json.dumps(decision.as_json()) for decision in decisions]
+    out.write('{"checkpoints": [' + ",".join(f"\n  {row}" for row in rows) + "\n]}\n")
+
+
+def write_plan_text(decisions: Sequence[Decision], out: TextIO, style: Style = plain) -> None:
+    """Write each run's checkpoints with what happens to them and why, then a count."""
+    width = max((len(decision.name) for decision in decisions), default=0)
+    roles = {"keep": "best", "delete": "error", "strip": "warn"}
+    counts = {"delete": 0, "strip": 0, "keep": 0}
+    run = None
+    for decision in decisions:
+        if decision.run != run:
+            out.write(("\n" if run is not None else "") + style(decision.run, "header") + "\n")
+            run = decision.run
+        counts[decision.action] += 1
+        action = style(decision.action.ljust(6), roles[decision.action])
+        out.write(f"  {action}  {decision.name.ljust(width)}  {decision.reason}\n")
+    let_go = ", ".join(f"{counts[a]} to {a}" for a in ("delete", "strip") if counts[a])
+    out.write(f"\n{let_go or 'nothing to delete'}, {counts['keep']} to keep.\n")
+
+
+def write_outcomes(outcomes: Iterable[Outcome], out: TextIO) -> None:
+    """One line per checkpoint deleted, stripped, gone or skipped, then the space freed."""
+    freed = 0
+    for outcome in outcomes:
+        decision = outcome.decision
+        where = decision.name if decision.run == "." else f"{decision.run}/{decision.name}"
+        if outcome.result == "skipped":
+            out.write(f"kept {where}: {outcome.detail}\n")
+        elif outcome.result == "gone":
+            out.write(f"already gone: {where}\n")
+        else:
+            verb = "deleted" if outcome.result == "pruned" else "stripped"
+            out.write(f"{verb} {where} ({format_bytes(outcome.bytes)})\n")
+        freed += outcome.bytes
+    out.write(f"freed {format_bytes(freed)}\n")
+
+
+def format_bytes(count: int) -> str:
+    """A byte count for people: 512 B, 3.4 MB, 1.2 GB (powers of 1000)."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    value, unit = float(count), 0
+    while value >= 1000 and unit < len(units) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{count} B" if unit == 0 else f"{value:.1f} {units[unit]}"
