@@ -255,6 +255,7 @@ def notify_test(notify: NotifyOption = None, notify_config: NotifyConfigOption =
         raise typer.Exit(1)
 
 
+@app.command()
 def prune(
     path: Annotated[Path, typer.Argument(help="A run, or a tree of runs at any depth.")],
     keep: Annotated[
