@@ -18,6 +18,7 @@ from ckpt_watch.check import NothingToCheckError, check_path
 from ckpt_watch.engine import AnnouncePolicy
 from ckpt_watch.history import History, HistoryError, replay
 from ckpt_watch.history_table import select, table
+from ckpt_watch.lock import watching_daemon
 from ckpt_watch.logsetup import FORMATS, LEVELS
 from ckpt_watch.logsetup import configure as configure_logging
 from ckpt_watch.notify import NotifyConfigError, load_targets, send_test
@@ -62,6 +63,31 @@ NotifyOption = Annotated[
 NotifyConfigOption = Annotated[
     Path | None, typer.Option("--notify-config", help="An apprise YAML or text config file.")
 ]
+KeepOption = Annotated[
+    int | None,
+    typer.Option(
+        "--keep",
+        metavar="N",
+        help="Keep the best plus the newest checkpoints, N in all (save_total_limit).",
+    ),
+]
+KeepTopOption = Annotated[
+    int | None, typer.Option("--keep-top", metavar="K", help="Keep the K best by the metric.")
+]
+KeepEveryOption = Annotated[
+    int | None,
+    typer.Option(
+        "--keep-every", metavar="STEPS", help="Keep every checkpoint whose step is a multiple."
+    ),
+]
+StripOption = Annotated[
+    bool,
+    typer.Option(
+        "--strip",
+        help="Instead of deleting, remove only optimizer, scheduler, RNG and DeepSpeed "
+        "state; weights and trainer_state.json stay.",
+    ),
+]
 ANNOUNCEABLE = frozenset({"new_best", "finished", "stalled", "nonfinite"})
 ModeOption = Annotated[
     str | None,
@@ -97,6 +123,18 @@ def policy_from(announce: str, min_delta: str, stall_factor: float) -> AnnounceP
     except MinDeltaError as exc:
         fail(str(exc), 2)
     return AnnouncePolicy(kinds, min_delta, stall_factor, socket.gethostname())
+
+
+def rules_from(
+    keep: int | None, keep_top: int | None, keep_every: int | None, strip: bool
+) -> RetentionRules | None:
+    """The retention rules asked for, or None when no rule was given (nothing is deleted)."""
+    if keep is None and keep_top is None and keep_every is None:
+        return None
+    try:
+        return RetentionRules(keep, keep_top, keep_every, strip=strip)
+    except RetentionError as exc:
+        fail(str(exc), 2)
 
 
 def metric_from(name: str, mode: str | None) -> Metric:
@@ -173,6 +211,10 @@ def start(
         float,
         typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events."),
     ] = 300.0,
+    keep: KeepOption = None,
+    keep_top: KeepTopOption = None,
+    keep_every: KeepEveryOption = None,
+    strip: StripOption = False,
     notify: NotifyOption = None,
     notify_config: NotifyConfigOption = None,
     announce: Annotated[
@@ -209,6 +251,7 @@ def start(
         notify=targets_from(notify, notify_config),
         policy=policy_from(announce, min_delta, stall_factor),
         coalesce=coalesce,
+        retention=rules_from(keep, keep_top, keep_every, strip),
     )
     configure_logging(log_level, log_format)  # after the checks, which report in one line
     try:
@@ -258,33 +301,12 @@ def notify_test(notify: NotifyOption = None, notify_config: NotifyConfigOption =
 @app.command()
 def prune(
     path: Annotated[Path, typer.Argument(help="A run, or a tree of runs at any depth.")],
-    keep: Annotated[
-        int | None,
-        typer.Option(
-            "--keep",
-            metavar="N",
-            help="Keep the best plus the newest checkpoints, N in all (save_total_limit).",
-        ),
-    ] = None,
-    keep_top: Annotated[
-        int | None, typer.Option("--keep-top", metavar="K", help="Keep the K best by the metric.")
-    ] = None,
-    keep_every: Annotated[
-        int | None,
-        typer.Option(
-            "--keep-every", metavar="STEPS", help="Keep every checkpoint whose step is a multiple."
-        ),
-    ] = None,
+    keep: KeepOption = None,
+    keep_top: KeepTopOption = None,
+    keep_every: KeepEveryOption = None,
     metric: MetricOption = "eval_loss",
     mode: ModeOption = None,
-    strip: Annotated[
-        bool,
-        typer.Option(
-            "--strip",
-            help="Instead of deleting, remove only optimizer, scheduler, RNG and DeepSpeed "
-            "state; weights and trainer_state.json stay.",
-        ),
-    ] = False,
+    strip: StripOption = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and touch nothing.")
     ] = False,
@@ -301,10 +323,9 @@ def prune(
 ) -> None:
     """Delete (or strip) the checkpoints no rule keeps; protected ones are never touched."""
     chosen = metric_from(metric, mode)
-    try:
-        rules = RetentionRules(keep, keep_top, keep_every, strip=strip)
-    except RetentionError as exc:
-        fail(str(exc), 2)
+    rules = rules_from(keep, keep_top, keep_every, strip)
+    if rules is None:
+        fail("give at least one of --keep, --keep-top, --keep-every", 2)
     try:
         plan = plan_tree(path, chosen, rules, now=time.time())
     except (NothingToCheckError, RetentionError) as exc:
@@ -317,6 +338,9 @@ def prune(
     let_go = sum(decision.action != "keep" for decision in plan)
     if dry_run or not let_go:
         return
+    daemon = watching_daemon(path)
+    if daemon:
+        fail(f"{daemon}; stop it, or let it prune with start --keep")
     if not yes:
         confirm(f"{'Strip' if strip else 'Delete'} {let_go} checkpoint(s) under {path}?")
 

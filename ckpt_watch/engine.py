@@ -13,12 +13,14 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ckpt_watch.announce import Announcement, Kind, make_id, worth_announcing
 from ckpt_watch.check import relative_name
 from ckpt_watch.history import Event, History, number
+from ckpt_watch.keeper import Keeper
 from ckpt_watch.ranking import Metric, shares_history
 from ckpt_watch.scan import CheckpointDir, find_runs, list_run
 from ckpt_watch.tracking import Known, RunTrack, Summary
@@ -61,6 +63,7 @@ class Engine:
         *,
         policy: AnnouncePolicy | None = None,
         deliver: Deliver | None = None,
+        keeper: Keeper | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
@@ -68,9 +71,11 @@ class Engine:
         self.history = history
         self.policy = policy or AnnouncePolicy()
         self.deliver = deliver
+        self.keeper = keeper
         self.clock = clock
         self.runs: dict[str, RunTrack] = {}
         self.baseline = True
+        self.baseline_scan = False
 
     # ----- start-up -------------------------------------------------------------------
 
@@ -124,7 +129,11 @@ class Engine:
 
     def first_scan(self) -> bool:
         """Bring the records up to date with the tree; True if a state is still pending."""
-        pending = self.reconcile()
+        self.baseline_scan = True  # retention looks at every run once, changed or not
+        try:
+            pending = self.reconcile()
+        finally:
+            self.baseline_scan = False
         if self.baseline:
             # Runs that stopped long before the first start are history, not news.
             for track in self.runs.values():
@@ -164,16 +173,20 @@ class Engine:
                 return False
             track = self._track(name)
 
-        for gone in sorted(set(track.known) - set(entries), key=lambda n: track.known[n].step):
-            self._record_removed(track, track.known.pop(gone))
-        for gone in set(track.pending) - set(entries):
-            del track.pending[gone]
+        gone = sorted(set(track.known) - set(entries), key=lambda n: track.known[n].step)
+        for name in gone:
+            self._record_removed(track, track.known.pop(name))
+        for name in set(track.pending) - set(entries):
+            del track.pending[name]
 
-        fresh = [self._read_if_changed(track, entry) for entry in entries.values()]
-        for checkpoint in sorted((c for c in fresh if c is not None), key=lambda c: c.step):
+        fresh = [c for c in map(partial(self._read_if_changed, track), entries.values()) if c]
+        for checkpoint in sorted(fresh, key=lambda c: c.step):
             self._take(track, checkpoint)
         self._announce_if_better(track)
         self._check_finished(track)
+        if self.keeper is not None and (fresh or gone or self.baseline_scan):
+            for name in self.keeper.tidy(track.path, track.as_checkpoints(self.metric)):
+                track.known.pop(name, None)  # recorded as pruned, not as removed
         self.history.sync()
         # A run whose directory is gone stays tracked: if a training starts there again,
         # it is a new incarnation, and the history must say so.

@@ -49,3 +49,24 @@ class RootLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def watching_daemon(path: Path) -> str | None:
+    """A sentence naming the daemon that watches ``path`` or a directory above it, if any.
+
+    One-off commands that delete (``prune``) leave a watched tree to its daemon.
+    """
+    for directory in (path.absolute(), *path.absolute().parents):
+        lock = directory / STATE_DIR / "lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            return f"ckpt-watch (pid {holder}) is watching {directory}"
+        finally:
+            os.close(fd)
+    return None

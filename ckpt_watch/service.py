@@ -13,9 +13,12 @@ from types import FrameType
 
 from ckpt_watch.engine import AnnouncePolicy, Engine
 from ckpt_watch.history import Event, History, HistoryError, replay
+from ckpt_watch.keeper import Keeper
 from ckpt_watch.lock import STATE_DIR, LockedError, RootLock
 from ckpt_watch.notify import Notifier, undelivered
+from ckpt_watch.prune import Pruner, recover_trash
 from ckpt_watch.ranking import Metric
+from ckpt_watch.retention import RetentionRules
 from ckpt_watch.watch import Daemon, WatchSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class DaemonSettings:
     notify_timeout: float = 10.0  # per attempt
     notify_give_up: float = 60.0  # all attempts of one message
     coalesce: float = 10.0  # new bests of one run this close together make one message
+    retention: RetentionRules | None = None  # None: never delete anything
 
     @property
     def history_path(self) -> Path:
@@ -67,6 +71,12 @@ def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None
 
 def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> None:
     engine = Engine(settings.root, settings.metric, history, policy=settings.policy)
+    pruner = None
+    if settings.retention is not None:
+        recover_trash(settings.root, history.append, stop=stop)
+        pruner = Pruner(history.append, stop=stop)
+        engine.keeper = Keeper(settings.root, settings.metric, settings.retention, pruner)
+        log.info("retention on: %s", settings.retention.describe())
     events = list(replay(history.path, on_bad_line=_skipped_line(history.path)))
     engine.load(events)
     notifier = _start_notifier(settings, history, events)
@@ -82,6 +92,9 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> N
         restore()
         if notifier is not None:
             notifier.close(timeout=5.0)
+        if pruner is not None:
+            log.info("finishing removals (waiting up to 5s)")
+            pruner.close(timeout=5.0)
         summary = engine.summary()
         try:
             history.append("stopped", pid=os.getpid(), runs=summary.runs)

@@ -59,6 +59,21 @@ class Known:
             value_from=event.get("value_from"),
         )
 
+    def as_checkpoint(self, run_path: Path, metric: Metric) -> Checkpoint:
+        """This record as a checkpoint that ranks the same, without reading its file."""
+        evals = {self.step: {metric.name: self.value}} if self.value is not None else {}
+        state = TrainerState(
+            global_step=self.step,
+            epoch=self.epoch,
+            max_steps=self.max_steps,
+            evals=evals,
+            best_model_checkpoint=self.trainer_best,
+            first_row=self.first_row,
+        )
+        return Checkpoint(
+            run_path / self.name, self.step, state=state, size=self.size, mtime_ns=self.mtime_ns
+        )
+
     def fields(self) -> dict[str, Any]:
         """What a ``checkpoint`` event records, beside the run and metric."""
         fields: dict[str, Any] = {
@@ -137,6 +152,17 @@ class RunTrack:
         if known.value is not None and math.isfinite(known.value):
             self.seen[known.name] = (known.step, known.value)
         self.saved_at[known.name] = known.mtime_ns
+
+    def as_checkpoints(self, metric: Metric) -> list[Checkpoint]:
+        """What is known, as checkpoints ranking and retention take; unread ones with an error."""
+        found = [known.as_checkpoint(self.path, metric) for known in self.known.values()]
+        found += [
+            Checkpoint(
+                self.path / name, int(name.rsplit("-", 1)[1]), error="state not readable yet"
+            )
+            for name in self.pending
+        ]
+        return found
 
     def best_seen(self, metric: Metric) -> tuple[str, int, float] | None:
         """The best value this incarnation has reached; ties go to the earlier step."""
