@@ -16,7 +16,7 @@ from ckpt_watch import __version__
 from ckpt_watch.announce import MinDeltaError, parse_min_delta
 from ckpt_watch.check import NothingToCheckError, check_path
 from ckpt_watch.engine import AnnouncePolicy
-from ckpt_watch.history import History, HistoryError, replay
+from ckpt_watch.history import History, HistoryError, replay, strict
 from ckpt_watch.history_table import select, table
 from ckpt_watch.lock import watching_daemon
 from ckpt_watch.logsetup import FORMATS, LEVELS
@@ -276,7 +276,7 @@ def show_history(
         fail(f"{path}: no history (has ckpt-watch start run on {root}?)")
     events = select(replay(path), run)
     if as_json:
-        typer.echo(json.dumps({"events": events}, allow_nan=False))
+        typer.echo(json.dumps({"events": strict(events)}, allow_nan=False))
     else:
         typer.echo("\n".join(table(events)))
 

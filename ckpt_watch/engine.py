@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ckpt_watch.history import Event, History, number
 from ckpt_watch.keeper import Keeper
 from ckpt_watch.ranking import Metric, shares_history
 from ckpt_watch.scan import CheckpointDir, find_runs, list_run
-from ckpt_watch.tracking import Known, RunTrack, Summary
+from ckpt_watch.tracking import Known, Pending, RunTrack, Summary
 from ckpt_watch.trainer_state import (
     STATE_FILE,
     Checkpoint,
@@ -64,6 +65,7 @@ class Engine:
         policy: AnnouncePolicy | None = None,
         deliver: Deliver | None = None,
         keeper: Keeper | None = None,
+        stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
@@ -72,6 +74,7 @@ class Engine:
         self.policy = policy or AnnouncePolicy()
         self.deliver = deliver
         self.keeper = keeper
+        self.stop = stop
         self.clock = clock
         self.runs: dict[str, RunTrack] = {}
         self.baseline = True
@@ -82,35 +85,36 @@ class Engine:
     def load(self, events: Iterable[Event]) -> None:
         """Learn what an earlier daemon recorded, so that nothing is recorded twice.
 
-        The first start on a root (no ``started`` yet), and a start with another metric,
-        take what is on disk as the baseline instead of as news.
+        A start with a metric that never ran on this root before (the very first start
+        among them) takes what is on disk as the baseline instead of as news.
         """
-        metric_changed = False
         for event in events:
             kind = event.get("event")
-            if kind == "started":
-                self.baseline = event.get("metric") != self.metric.name
-                metric_changed = self.baseline
+            if kind == "started" and event.get("metric") == self.metric.name:
+                self.baseline = False
             elif kind in ("checkpoint", "new_best", "removed", "pruned", "finished", "stalled"):
-                self._replay(kind, event)
-        if metric_changed:
-            log.info("metric changed to %s: taking the tree as a new baseline", self.metric.name)
-            self.runs.clear()
+                try:
+                    self._replay(kind, event)
+                except (ValueError, TypeError) as exc:
+                    log.warning("history event skipped event=%s reason=%s", kind, exc)
 
     def _replay(self, kind: str, event: Event) -> None:
-        if event.get("metric", self.metric.name) != self.metric.name or "run" not in event:
+        run = event.get("run")
+        if event.get("metric", self.metric.name) != self.metric.name or not isinstance(run, str):
             return
-        track = self._track(str(event["run"]))
         name = str(event.get("checkpoint"))
         if kind == "checkpoint":
             known = Known.from_event(event)
+            track = self._track(run)
             if known.incarnation != track.incarnation:
                 track.begin_incarnation(known.incarnation)
             track.adopt(known)
             if event.get("baseline"):
                 self._raise_reached(track, known.name, known.value)
                 track.announced = track.reached  # the baseline is what people know already
-        elif kind == "new_best":
+            return
+        track = self._track(run)
+        if kind == "new_best":
             self._raise_reached(track, name, number(event.get("value")))
             if "announce" in event:
                 track.announced = number(event.get("value"))
@@ -151,14 +155,26 @@ class Engine:
         """Refresh every run at or under ``directory``: new ones, changed ones, gone ones."""
         pending = False
         found = {run.path: run for run in find_runs(directory)} if directory.is_dir() else {}
+        if directory == self.root and not found and self._knows_checkpoints():
+            # An unmounted or unreachable root looks empty: that is not every run deleted.
+            log.warning("no checkpoint under root=%s; removals wait until it is back", self.root)
+            return False
         prefix = relative_name(directory, self.root)
         for track in list(self.runs.values()):
             inside = prefix == "." or track.name == prefix or track.name.startswith(prefix + "/")
-            if inside and track.path not in found:
+            if inside and track.path not in found and not self._stopping():
                 pending |= self.refresh(track.path)
         for path, run in sorted(found.items()):
+            if self._stopping():
+                break
             pending |= self._refresh_listed(path, run.checkpoints)
         return pending
+
+    def _knows_checkpoints(self) -> bool:
+        return any(track.known for track in self.runs.values())
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def refresh(self, run_path: Path) -> bool:
         """React to a change in one run; True if a state is pending (retry later)."""
@@ -190,36 +206,49 @@ class Engine:
         self.history.sync()
         # A run whose directory is gone stays tracked: if a training starts there again,
         # it is a new incarnation, and the history must say so.
-        return bool(track.pending)
+        return self._waiting_on(track)
+
+    def _waiting_on(self, track: RunTrack) -> bool:
+        """Whether a state may still complete by itself: worth a timed retry.
+
+        Past the grace period only an event or a reconcile looks at it again.
+        """
+        now = self.clock()
+        return any(now - p.first_seen < INCOMPLETE_GRACE for p in track.pending.values())
 
     def _read_if_changed(self, track: RunTrack, entry: CheckpointDir) -> Checkpoint | None:
-        known = track.known.get(entry.path.name)
-        try:
-            info = os.stat(entry.path / STATE_FILE)
-        except OSError:
-            info = None
-        unchanged = info is not None and (info.st_size, info.st_mtime_ns) == (
-            (known.size, known.mtime_ns) if known else None
-        )
-        if unchanged:
+        """Read a state that is new or changed; None when there is nothing new to take."""
+        name = entry.path.name
+        stamp = _stamp(entry.path / STATE_FILE)
+        known = track.known.get(name)
+        if stamp is not None and known is not None and stamp == (known.size, known.mtime_ns):
             return None
+        waiting = track.pending.get(name)
+        if waiting is not None and stamp == waiting.stamp and stamp is not None:
+            return None  # the same unusable file as last time: reading it again tells nothing
         try:
             checkpoint = read_checkpoint(entry.path)
         except StateVanishedError:
             return None
         if checkpoint.state is None:
-            self._note_pending(track, checkpoint)
+            self._note_pending(track, checkpoint, stamp)
             return None
-        track.pending.pop(checkpoint.name, None)
-        track.warned.discard(checkpoint.name)
+        track.pending.pop(name, None)
         return checkpoint
 
-    def _note_pending(self, track: RunTrack, checkpoint: Checkpoint) -> None:
-        first_seen = track.pending.setdefault(checkpoint.name, self.clock())
-        if checkpoint.name in track.warned:
+    def _note_pending(
+        self, track: RunTrack, checkpoint: Checkpoint, stamp: tuple[int, int] | None
+    ) -> None:
+        waiting = track.pending.get(checkpoint.name)
+        if waiting is None:
+            # Counted from the file's last change: a state broken for days is no save in progress.
+            since = self.clock() - _age(checkpoint.path, stamp)
+            waiting = track.pending[checkpoint.name] = Pending(since, stamp)
+        waiting.stamp = stamp
+        if waiting.warned:
             return
-        if self.clock() - first_seen >= INCOMPLETE_GRACE:
-            track.warned.add(checkpoint.name)
+        if self.clock() - waiting.first_seen >= INCOMPLETE_GRACE:
+            waiting.warned = True
             log.warning(
                 "checkpoint incomplete path=%s reason=%s", checkpoint.path, checkpoint.error
             )
@@ -233,7 +262,7 @@ class Engine:
         if previous is not None and previous.same_content(known):
             previous.size, previous.mtime_ns = known.size, known.mtime_ns
             return
-        if not track.continues_with(known):
+        if not track.belongs(known, checkpoint.state.evals):
             log.info(
                 "run started again run=%s checkpoint=%s incarnation=%d",
                 track.name,
@@ -445,3 +474,22 @@ class Engine:
         checkpoints = sum(len(track.known) for track in present)
         bests = sum(1 for track in present if track.current_best(self.metric) is not None)
         return Summary(len(present), checkpoints, bests)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Size and modification time of a file, or None when it cannot be seen."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_size, info.st_mtime_ns)
+
+
+def _age(checkpoint: Path, stamp: tuple[int, int] | None) -> float:
+    """Seconds since the state file (or, without one, the directory) last changed."""
+    if stamp is not None:
+        return time.time() - stamp[1] / 1e9
+    try:
+        return time.time() - checkpoint.stat().st_mtime
+    except OSError:
+        return 0.0

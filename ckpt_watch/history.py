@@ -93,9 +93,14 @@ class History:
                 self._write_durably(b"", sync=True)
 
     def _reopen_if_unlinked(self) -> None:
-        """Open the path again when the file was deleted under us (its root was replaced)."""
+        """Follow the path when the file there is no longer ours (its root was replaced)."""
         try:
-            if os.fstat(self._fd).st_nlink > 0:
+            mine = os.fstat(self._fd)
+            try:
+                there = os.stat(self.path)
+            except FileNotFoundError:
+                there = None
+            if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
                 return
             # Only our own directory is made again: a deleted root stays deleted.
             self.path.parent.mkdir(exist_ok=True)
@@ -105,7 +110,7 @@ class History:
             return
         os.close(self._fd)
         self._fd = fd
-        log.warning("history file was deleted; writing a new one path=%s", self.path)
+        log.warning("history file was moved or deleted; writing at path=%s", self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable
 
 from ckpt_watch.history import Event, number
@@ -14,7 +15,7 @@ def select(events: Iterable[Event], run: str | None) -> list[Event]:
     """The events of one run (and the daemon's own start and stop lines), or all of them."""
     if run is None:
         return list(events)
-    wanted = run.strip("/") or "."
+    wanted = posixpath.normpath(run.strip("/") or ".")
     return [e for e in events if e.get("run") in (wanted, None)]
 
 

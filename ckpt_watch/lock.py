@@ -1,43 +1,35 @@
-"""One daemon per root: an advisory lock in the root's own state directory."""
+"""One daemon per root: an advisory lock on the root directory itself."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
 from types import TracebackType
 
 STATE_DIR = ".ckpt-watch"
+PID_FILE = "lock"
 
 
 class LockedError(Exception):
-    """Raised when another daemon already watches the root, or the lock cannot be made."""
+    """Raised when another daemon already watches the root, or the root cannot be locked."""
 
 
 class RootLock:
-    """``flock`` on ``ROOT/.ckpt-watch/lock``; released when the process ends, even by a crash."""
+    """``flock`` on the root directory, so two daemons are refused whatever their history files.
+
+    Locking the directory needs no file in it, so a read-only root can be watched too; the
+    holder's pid goes to ``ROOT/.ckpt-watch/lock`` where that can be written, for messages.
+    The kernel drops the lock when the process ends, even by a crash.
+    """
 
     def __init__(self, root: Path) -> None:
-        self.path = root / STATE_DIR / "lock"
+        self.root = root
         self._fd = -1
 
     def __enter__(self) -> RootLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LockedError(f"cannot create lock {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            self._fd = -1
-            raise LockedError(
-                f"another ckpt-watch (pid {holder}) is already watching {self.path.parent.parent}"
-            ) from exc
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        self.acquire()
         return self
 
     def __exit__(
@@ -46,27 +38,60 @@ class RootLock:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Lock the directory now at the root's path (again, after it was replaced)."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise LockedError(f"cannot lock {self.root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockedError(f"cannot lock {self.root}: {exc.strerror or exc}") from exc
+            raise LockedError(
+                f"another ckpt-watch (pid {holder(self.root)}) is already watching {self.root}"
+            ) from exc
+        self.release()
+        self._fd = fd
+        _write_pid(self.root)
+
+    def release(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
-def watching_daemon(path: Path) -> str | None:
-    """A sentence naming the daemon that watches ``path`` or a directory above it, if any.
+def holder(root: Path) -> str:
+    """The pid the lock holder wrote, or "unknown"."""
+    try:
+        return (root / STATE_DIR / PID_FILE).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
-    One-off commands that delete (``prune``) leave a watched tree to its daemon.
-    """
+
+def watching_daemon(path: Path) -> str | None:
+    """A sentence naming the daemon that watches ``path`` or a directory above it, if any."""
     for directory in (path.absolute(), *path.absolute().parents):
-        lock = directory / STATE_DIR / "lock"
         try:
-            fd = os.open(lock, os.O_RDONLY)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            return f"ckpt-watch (pid {holder}) is watching {directory}"
+            return f"ckpt-watch (pid {holder(directory)}) is watching {directory}"
         finally:
             os.close(fd)
     return None
+
+
+def _write_pid(root: Path) -> None:
+    try:
+        (root / STATE_DIR).mkdir(exist_ok=True)
+        (root / STATE_DIR / PID_FILE).write_text(f"{os.getpid()}\n")
+    except OSError:
+        pass  # a read-only root: the lock holds all the same, only messages lack the pid

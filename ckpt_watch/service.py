@@ -14,11 +14,12 @@ from types import FrameType
 from ckpt_watch.engine import AnnouncePolicy, Engine
 from ckpt_watch.history import Event, History, HistoryError, replay
 from ckpt_watch.keeper import Keeper
-from ckpt_watch.lock import STATE_DIR, LockedError, RootLock
+from ckpt_watch.lock import STATE_DIR, LockedError, RootLock, watching_daemon
 from ckpt_watch.notify import Notifier, undelivered
 from ckpt_watch.prune import Pruner, recover_trash
 from ckpt_watch.ranking import Metric
 from ckpt_watch.retention import RetentionRules
+from ckpt_watch.trainer_state import checkpoint_step
 from ckpt_watch.watch import Daemon, WatchSettings
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,25 @@ def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None
     root = settings.root
     if not root.is_dir():
         raise StartError(f"{root}: no such directory")
+    if checkpoint_step(root.name) is not None:
+        raise StartError(f"{root} is a checkpoint; watch the run that holds it: {root.parent}")
+    above = watching_daemon(root.absolute().parent)
+    if above:
+        raise StartError(f"{above}, which holds {root}")
     stop = stop or threading.Event()
     try:
-        with RootLock(root):
+        with RootLock(root) as lock:
             history = History(settings.history_path, stop=stop)
             try:
-                _run(settings, history, stop)
+                _run(settings, history, stop, lock)
             finally:
                 history.close()
     except (LockedError, HistoryError) as exc:
         raise StartError(str(exc)) from exc
 
 
-def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> None:
-    engine = Engine(settings.root, settings.metric, history, policy=settings.policy)
+def _run(settings: DaemonSettings, history: History, stop: threading.Event, lock: RootLock) -> None:
+    engine = Engine(settings.root, settings.metric, history, policy=settings.policy, stop=stop)
     pruner = None
     if settings.retention is not None:
         recover_trash(settings.root, history.append, stop=stop)
@@ -78,12 +84,13 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> N
         engine.keeper = Keeper(settings.root, settings.metric, settings.retention, pruner)
         log.info("retention on: %s", settings.retention.describe())
     events = list(replay(history.path, on_bad_line=_skipped_line(history.path)))
+    _check_history_belongs(settings, history.path, events)
     engine.load(events)
     notifier = _start_notifier(settings, history, events)
     del events
     if notifier is not None:
         engine.deliver = notifier.announce
-    daemon = Daemon(engine, settings.watch or WatchSettings(), stop)
+    daemon = Daemon(engine, settings.watch or WatchSettings(), stop, on_root_replaced=lock.acquire)
     restore = _install_signal_handlers(stop, daemon)
     log.info("starting pid=%d root=%s history=%s", os.getpid(), settings.root, history.path)
     try:
@@ -101,6 +108,19 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> N
         except HistoryError as exc:
             log.error("could not record the stop: %s", exc)
         log.info("stopped pid=%d root=%s", os.getpid(), settings.root)
+
+
+def _check_history_belongs(settings: DaemonSettings, path: Path, events: list[Event]) -> None:
+    """Refuse a history kept outside the root that another root's daemon wrote."""
+    root = settings.root.resolve()
+    if path.resolve().is_relative_to(root):
+        return  # it moves with the root, whatever the root was called before
+    roots = {e.get("root") for e in events if e.get("event") == "started" and e.get("root")}
+    others = sorted(str(r) for r in roots if Path(str(r)).resolve() != root)
+    if others:
+        raise StartError(
+            f"{path} is the history of {others[-1]}; give each root a history of its own"
+        )
 
 
 def _start_notifier(

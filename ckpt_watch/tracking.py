@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckpt_watch.history import Event, number
 from ckpt_watch.ranking import Metric
-from ckpt_watch.trainer_state import Checkpoint, TrainerState, last_component
+from ckpt_watch.trainer_state import Checkpoint, Metrics, TrainerState, last_component
 
 
 @dataclass(slots=True)
@@ -27,6 +30,7 @@ class Known:
     trainer_best: str | None
     incarnation: int = 0
     value_from: str | None = None
+    lineage: str | None = None  # digest of the evaluations logged before this step
 
     @classmethod
     def read(cls, checkpoint: Checkpoint, state: TrainerState, metric: Metric) -> Known:
@@ -41,22 +45,28 @@ class Known:
             max_steps=state.max_steps,
             first_row=state.first_row,
             trainer_best=last_component(best) if best else None,
+            lineage=lineage(state.evals, before=checkpoint.step),
         )
 
     @classmethod
     def from_event(cls, event: Event) -> Known:
+        """Rebuild a record; raises ValueError for an event that is not one of ours."""
+        name, step = event.get("checkpoint"), event.get("step")
+        if not isinstance(name, str) or not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError("checkpoint event without a checkpoint name and an integer step")
         return cls(
-            name=str(event["checkpoint"]),
-            step=int(event["step"]),
+            name=name,
+            step=step,
             value=number(event.get("value")),
             epoch=number(event.get("epoch")),
-            size=int(event.get("size", -1)),
-            mtime_ns=int(event.get("mtime_ns", -1)),
-            max_steps=event.get("max_steps"),
-            first_row=event.get("first_row"),
-            trainer_best=event.get("trainer_best"),
-            incarnation=int(event.get("incarnation", 0)),
-            value_from=event.get("value_from"),
+            size=_integer(event.get("size"), -1),
+            mtime_ns=_integer(event.get("mtime_ns"), -1),
+            max_steps=_integer(event.get("max_steps"), None),
+            first_row=_text(event.get("first_row")),
+            trainer_best=_text(event.get("trainer_best")),
+            incarnation=_integer(event.get("incarnation"), 0),
+            value_from=_text(event.get("value_from")),
+            lineage=_text(event.get("lineage")),
         )
 
     def as_checkpoint(self, run_path: Path, metric: Metric) -> Checkpoint:
@@ -87,6 +97,7 @@ class Known:
             "max_steps": self.max_steps,
             "first_row": self.first_row,
             "trainer_best": self.trainer_best,
+            "lineage": self.lineage,
         }
         if self.value_from:
             fields["value_from"] = self.value_from
@@ -100,6 +111,15 @@ class Known:
 
 
 @dataclass(slots=True)
+class Pending:
+    """A checkpoint whose state could not be used yet, and the file as it was when tried."""
+
+    first_seen: float
+    stamp: tuple[int, int] | None
+    warned: bool = False
+
+
+@dataclass(slots=True)
 class RunTrack:
     """What the engine knows of one run directory."""
 
@@ -107,7 +127,6 @@ class RunTrack:
     path: Path
     known: dict[str, Known] = field(default_factory=dict)
     incarnation: int = 0
-    top_step: int = -1
     fingerprint: tuple[int | None, str | None] = (None, None)
     # Every value this incarnation has reached, removed checkpoints included.
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -117,12 +136,10 @@ class RunTrack:
     finished: bool = False
     stalled_after: str | None = None  # the newest checkpoint when a stall was recorded
     saved_at: dict[str, int] = field(default_factory=dict)  # mtime_ns of each save
-    pending: dict[str, float] = field(default_factory=dict)
-    warned: set[str] = field(default_factory=set)
+    pending: dict[str, Pending] = field(default_factory=dict)
 
     def begin_incarnation(self, number: int) -> None:
         self.incarnation = number
-        self.top_step = -1
         self.fingerprint = (None, None)
         self.seen.clear()
         self.reached = None
@@ -132,21 +149,31 @@ class RunTrack:
         self.stalled_after = None
         self.saved_at.clear()
 
-    def continues_with(self, known: Known) -> bool:
-        """Whether a newly read checkpoint belongs to the training this run is in."""
-        if self.top_step < 0:
-            return True
-        if known.step <= self.top_step:
-            return False  # steps went backwards: the run was started again
+    def belongs(self, known: Known, evals: Mapping[int, Metrics]) -> bool:
+        """Whether a newly read checkpoint comes from the training this run is in.
+
+        It does when it names the same ``max_steps`` and first log row, and its log holds
+        exactly the evaluations of the nearest earlier checkpoint of this training. Arrival
+        order does not matter: copies and late discoveries come in any order.
+        """
         max_steps, first_row = self.fingerprint
         if None not in (max_steps, known.max_steps) and max_steps != known.max_steps:
             return False
-        return None in (first_row, known.first_row) or first_row == known.first_row
+        if None not in (first_row, known.first_row) and first_row != known.first_row:
+            return False
+        older = [
+            k
+            for k in self.known.values()
+            if k.incarnation == self.incarnation and k.step < known.step and k.name != known.name
+        ]
+        nearest = max(older, key=lambda k: k.step, default=None)
+        if nearest is None or nearest.lineage is None:
+            return True
+        return lineage(evals, before=nearest.step) == nearest.lineage
 
     def adopt(self, known: Known) -> None:
         known.incarnation = self.incarnation
         self.known[known.name] = known
-        self.top_step = max(self.top_step, known.step)
         max_steps, first_row = self.fingerprint
         self.fingerprint = (max_steps or known.max_steps, first_row or known.first_row)
         if known.value is not None and math.isfinite(known.value):
@@ -186,6 +213,23 @@ class Summary:
     runs: int
     checkpoints: int
     bests: int
+
+
+def lineage(evals: Mapping[int, Metrics], *, before: int) -> str:
+    """A digest of the evaluations logged before step ``before``: one training's trail."""
+    trail = [[step, sorted(evals[step].items())] for step in sorted(evals) if step < before]
+    text = json.dumps(trail, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _integer(value: object, default: int | None) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return default
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _order(metric: Metric, value: float, step: int) -> tuple[float, int]:

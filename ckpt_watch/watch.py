@@ -101,8 +101,9 @@ def route(root: Path, path: str, *, is_directory: bool, kind: str) -> tuple[str,
 class EventRouter(FileSystemEventHandler):
     """Runs on the observer thread: only filters events and queues work. Never raises."""
 
-    def __init__(self, root: Path, queue: WorkQueue) -> None:
+    def __init__(self, root: Path, queue: WorkQueue, *, watched: Path | None = None) -> None:
         self.root = root
+        self.watched = watched or root
         self.queue = queue
         self.events_lost = threading.Event()
 
@@ -122,9 +123,12 @@ class EventRouter(FileSystemEventHandler):
             paths.append(event.dest_path)
         for raw in paths:
             text = os.fsdecode(raw)
-            target = route(self.root, text, is_directory=event.is_directory, kind=event.event_type)
+            target = route(
+                self.watched, text, is_directory=event.is_directory, kind=event.event_type
+            )
             if target is not None:
-                self.queue.add(*target)
+                kind, path = target
+                self.queue.add(kind, self.root / path.relative_to(self.watched))
 
 
 class Daemon:
@@ -138,6 +142,7 @@ class Daemon:
         *,
         on_tick: Callable[[Daemon], None] | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        on_root_replaced: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.root = engine.root
@@ -146,6 +151,7 @@ class Daemon:
         self.queue = WorkQueue()
         self.on_tick = on_tick
         self.on_ready = on_ready
+        self.on_root_replaced = on_root_replaced
         self.mode = "poll" if settings.poll else "inotify"
         self._observer: Any = None
         self._root_id: tuple[int, int] | None = None
@@ -158,6 +164,9 @@ class Daemon:
         self._choose_mode()
         self._start_watching()
         pending = self.engine.first_scan()
+        if self.stop.is_set():  # asked to stop mid-scan: not ready, not started
+            self._stop_watching()
+            return
         if pending:
             self._schedule_retry(self.root, 0)
         summary = self.engine.summary()
@@ -260,8 +269,10 @@ class Daemon:
         if self.mode == "poll":
             return
         observer = Observer()
+        watched = self.root.resolve()  # a symlinked root: inotify reports the real paths
         try:
-            observer.schedule(EventRouter(self.root, self.queue), str(self.root), recursive=True)
+            router = EventRouter(self.root, self.queue, watched=watched)
+            observer.schedule(router, str(watched), recursive=True)
             observer.start()
         except OSError as exc:
             self._fall_back_to_polling(exc)
@@ -306,6 +317,13 @@ class Daemon:
         replaced = identity != self._root_id
         if not (replaced or not self.observer_alive):
             return
+        if replaced and self.on_root_replaced is not None:
+            try:
+                self.on_root_replaced()
+            except Exception as exc:  # another daemon took the new root: it is theirs now
+                log.error("stopping: %s", exc)
+                self.stop.set()
+                return
         reason = "appeared, replaced or remounted" if replaced else "watch stopped"
         log.warning("root %s; watching again and rescanning root=%s", reason, self.root)
         self._stop_watching()

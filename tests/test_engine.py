@@ -254,3 +254,136 @@ def test_checkpoint_internals_are_never_read(setup: Setup) -> None:
     engine = setup.start()
 
     assert list(engine.runs) == ["run"]
+
+
+def test_checkpoints_arriving_out_of_order_are_one_training(setup: Setup) -> None:
+    """A run copied in newest-first is one training: the older copy is no new best."""
+    source = setup.root.parent / "source"
+    write_run(source, {1000: 0.80, 1800: 0.75})
+    run = setup.root / "run"
+    engine = setup.start()
+
+    shutil.copytree(source / "checkpoint-1800", run / "checkpoint-1800")
+    engine.refresh(run)
+    shutil.copytree(source / "checkpoint-1000", run / "checkpoint-1000")
+    engine.refresh(run)
+
+    assert [e["checkpoint"] for e in setup.events("new_best")] == ["checkpoint-1800"]
+    assert {e["incarnation"] for e in setup.events("checkpoint")} == {0}
+
+
+def test_resume_from_an_earlier_checkpoint_is_the_same_training(setup: Setup) -> None:
+    """Resuming from checkpoint-200 and saving checkpoint-300 again compares with 200's best."""
+    run = setup.root / "run"
+    write_run(run, {100: 0.9, 200: 0.8, 300: 0.95})
+    engine = setup.start()
+
+    evals = {100: {"eval_loss": 0.9}, 200: {"eval_loss": 0.8}, 300: {"eval_loss": 0.85}}
+    write_checkpoint(run, 300, trainer_state(300, evals))
+    engine.refresh(run)
+
+    assert setup.events("new_best") == []
+    assert setup.events("checkpoint")[-1]["incarnation"] == 0
+
+
+def test_root_that_looks_empty_records_no_removals(setup: Setup) -> None:
+    """An unmounted root looks empty; that is not every checkpoint deleted."""
+    write_run(setup.root / "run", {100: 0.5})
+    engine = setup.start()
+    aside = setup.root.parent / "aside"
+    shutil.move(setup.root / "run", aside)
+
+    engine.reconcile()
+    shutil.move(aside, setup.root / "run")
+    engine.reconcile()
+
+    assert setup.events("removed") == []
+    assert len(setup.events("checkpoint")) == 1
+
+
+def test_new_best_made_under_another_metric_is_still_news(setup: Setup) -> None:
+    """Switching metric and back: a new best saved meanwhile is announced once."""
+    run = setup.root / "run"
+    values = {100: {"eval_loss": 0.5, "eval_accuracy": 0.8}}
+    write_checkpoint(run, 100, trainer_state(100, values))
+    setup.start()
+    setup.start(metric="accuracy")
+    values[200] = {"eval_loss": 0.3, "eval_accuracy": 0.9}
+    write_checkpoint(run, 200, trainer_state(200, values))
+
+    setup.start()
+
+    loss_records = [e for e in setup.events("checkpoint") if e["metric"] == "eval_loss"]
+    assert [e["checkpoint"] for e in loss_records] == ["checkpoint-100", "checkpoint-200"]
+    best = [e for e in setup.events("new_best") if e["metric"] == "eval_loss"]
+    assert [e["checkpoint"] for e in best] == ["checkpoint-200"]
+
+
+def test_unusable_state_is_not_read_again_until_it_changes(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken state is read once; later refreshes only look at its size and time."""
+    from ckpt_watch import engine as engine_module
+
+    reads: list[Path] = []
+    real = engine_module.read_checkpoint
+
+    def counting(path: Path) -> object:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(engine_module, "read_checkpoint", counting)
+    run = setup.root / "run"
+    (run / "checkpoint-100").mkdir(parents=True)
+    (run / "checkpoint-100" / "trainer_state.json").write_text('{"global_step": 1')
+    engine = setup.start()
+
+    for _ in range(5):
+        engine.refresh(run)
+    (run / "checkpoint-100" / "trainer_state.json").write_text(dumps(trainer_state(100)))
+    engine.refresh(run)
+
+    assert len(reads) == 2
+    assert [e["checkpoint"] for e in setup.events("checkpoint")] == ["checkpoint-100"]
+
+
+def test_old_broken_state_is_not_retried_on_a_timer(setup: Setup) -> None:
+    """A state broken for longer than the grace period waits for an event, not a timer."""
+    run = setup.root / "run"
+    (run / "checkpoint-100").mkdir(parents=True)
+    state = run / "checkpoint-100" / "trainer_state.json"
+    state.write_text("{")
+    os.utime(state, (1, 1))
+    engine = setup.start()
+
+    assert engine.refresh(run) is False
+
+
+def test_bad_history_lines_are_skipped_not_fatal(setup: Setup) -> None:
+    """Hand-edited events with missing or wrong fields are skipped at replay."""
+    write_run(setup.root / "run", {100: 0.5})
+    setup.start()
+    with open(setup.history_path, "a") as handle:
+        handle.write('{"v":1,"event":"checkpoint","run":"r"}\n')
+        handle.write('{"v":1,"event":"checkpoint","run":"r","checkpoint":"c","step":"nine"}\n')
+        handle.write('{"v":1,"event":"new_best","run":["x"]}\n')
+
+    engine = setup.start()
+
+    assert "r" not in engine.runs and engine.runs["run"].known
+
+
+def test_stop_request_ends_the_first_scan_early(tmp_path: Path) -> None:
+    """A stop requested during the first scan is honoured between runs."""
+    import threading
+
+    for index in range(5):
+        write_run(tmp_path / f"run{index}", {100: 0.5})
+    history = History(tmp_path / "h.jsonl")
+    stop = threading.Event()
+    stop.set()
+    engine = Engine(tmp_path, resolve_metric(), history, stop=stop)
+
+    engine.first_scan()
+
+    assert list(replay(tmp_path / "h.jsonl")) == []

@@ -201,3 +201,104 @@ def test_history_command_shows_table_and_json(root: Path, procs: list[Process]) 
     assert "new_best" in table and " b " in table
     assert " a " in only_a and " b " not in only_a
     assert [e["event"] for e in as_json["events"]] == kinds(root)
+
+
+def run_start(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ckpt_watch", "start", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_checkpoint_as_root_is_refused(root: Path) -> None:
+    """Pointing start at one checkpoint names the run to watch instead."""
+    write_run(root / "run", {100: 0.5})
+
+    done = run_start(str(root / "run" / "checkpoint-100"))
+
+    assert done.returncode == 1
+    assert "is a checkpoint; watch the run that holds it" in done.stderr
+    assert not (root / "run" / "checkpoint-100" / ".ckpt-watch").exists()
+
+
+def test_root_inside_a_watched_root_is_refused(root: Path, procs: list[Process]) -> None:
+    """Two daemons would announce the same run twice: a root below a watched one is refused."""
+    write_run(root / "team" / "run", {100: 0.5})
+    first = start(procs, root)
+    assert wait_until(lambda: "started" in kinds(root))
+
+    done = run_start(str(root / "team"), "--history", str(root.parent / "team.jsonl"))
+
+    assert done.returncode == 1
+    assert f"pid {first.proc.pid}" in done.stderr and "is watching" in done.stderr
+    assert first.stop() == 0
+
+
+def test_history_of_another_root_is_refused(tmp_path: Path, procs: list[Process]) -> None:
+    """A --history file kept outside the root belongs to the root that wrote it."""
+    shared = tmp_path / "shared.jsonl"
+    first_root, second_root = tmp_path / "a", tmp_path / "b"
+    write_run(first_root / "run", {100: 0.5})
+    write_run(second_root / "run", {100: 0.7})
+    daemon = start(procs, first_root, "--history", str(shared))
+    assert wait_until(lambda: shared.exists() and "started" in shared.read_text())
+    assert daemon.stop() == 0
+
+    done = run_start(str(second_root), "--history", str(shared))
+
+    assert done.returncode == 1
+    assert f"is the history of {first_root}" in done.stderr
+
+
+def test_symlinked_root_sees_live_checkpoints(tmp_path: Path, procs: list[Process]) -> None:
+    """A root given through a symbolic link is watched where it really is."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    start(procs, link)
+    assert wait_until(lambda: "started" in kinds(real))
+
+    write_run(real / "run", {100: 0.5})
+
+    assert wait_until(lambda: "checkpoint" in kinds(real), timeout=10)
+
+
+def test_read_only_root_can_be_watched_with_history_elsewhere(
+    tmp_path: Path, procs: list[Process]
+) -> None:
+    """The lock needs no file in the root, so a read-only tree can be watched."""
+    root = tmp_path / "ro"
+    write_run(root / "run", {100: 0.5})
+    mounted = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(root), str(root)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(OSError):
+            (root / "probe").write_text("")
+        history = tmp_path / "ro-history.jsonl"
+        daemon = start(procs, root, "--history", str(history))
+        assert wait_until(lambda: history.exists() and "started" in history.read_text())
+        second = run_start(str(root), "--history", str(tmp_path / "other.jsonl"))
+        assert daemon.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+    assert second.returncode == 1 and "already watching" in second.stderr
+
+
+def test_replaced_root_is_locked_again(tmp_path: Path, procs: list[Process]) -> None:
+    """After the root is moved away and made anew, the running daemon holds the new one."""
+    root = tmp_path / "models"
+    write_run(root / "run", {100: 0.5})
+    history = tmp_path / "history.jsonl"
+    first = start(procs, root, "--history", str(history))
+    assert wait_until(lambda: history.exists() and "started" in history.read_text())
+
+    root.rename(tmp_path / "models.old")
+    root.mkdir()
+    assert wait_until(lambda: "root appeared, replaced" in first.text(), timeout=15)
+    done = run_start(str(root), "--history", str(tmp_path / "other.jsonl"))
+
+    assert done.returncode == 1 and "already watching" in done.stderr
+    assert first.stop() == 0
