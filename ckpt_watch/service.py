@@ -15,7 +15,7 @@ from ckpt_watch.engine import Engine
 from ckpt_watch.history import History, HistoryError, replay
 from ckpt_watch.lock import STATE_DIR, LockedError, RootLock
 from ckpt_watch.ranking import Metric
-from ckpt_watch.watch import Daemon, WatchSettings
+from ckpt_watch.watch import Daemon, DaemonHooks, WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,12 @@ def default_history(root: Path) -> Path:
     return root / STATE_DIR / "history.jsonl"
 
 
-def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None:
+def serve(
+    settings: DaemonSettings,
+    stop: threading.Event | None = None,
+    *,
+    hooks: DaemonHooks | None = None,
+) -> None:
     """Watch until SIGINT/SIGTERM (or ``stop``); raises StartError if it cannot start."""
     root = settings.root
     if not root.is_dir():
@@ -52,17 +57,19 @@ def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None
         with RootLock(root):
             history = History(settings.history_path, stop=stop)
             try:
-                _run(settings, history, stop)
+                _run(settings, history, stop, hooks or {})
             finally:
                 history.close()
     except (LockedError, HistoryError) as exc:
         raise StartError(str(exc)) from exc
 
 
-def _run(settings: DaemonSettings, history: History, stop: threading.Event) -> None:
+def _run(
+    settings: DaemonSettings, history: History, stop: threading.Event, hooks: DaemonHooks
+) -> None:
     engine = Engine(settings.root, settings.metric, history)
     engine.load(replay(history.path, on_bad_line=_skipped_line(history.path)))
-    daemon = Daemon(engine, settings.watch or WatchSettings(), stop)
+    daemon = Daemon(engine, settings.watch or WatchSettings(), stop, **hooks)
     restore = _install_signal_handlers(stop, daemon)
     log.info("starting pid=%d root=%s history=%s", os.getpid(), settings.root, history.path)
     try:

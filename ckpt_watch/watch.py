@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -127,6 +127,14 @@ class EventRouter(FileSystemEventHandler):
                 self.queue.add(*target)
 
 
+class DaemonHooks(TypedDict, total=False):
+    """Callbacks for whoever runs the Daemon: ``next_tick`` is when ``on_tick`` wants to run."""
+
+    on_ready: Callable[[Daemon], None]
+    on_tick: Callable[[Daemon], None]
+    next_tick: Callable[[], float]
+
+
 class Daemon:
     """The main loop: owns the observer, hands work to the engine, stops cleanly."""
 
@@ -138,6 +146,7 @@ class Daemon:
         *,
         on_tick: Callable[[Daemon], None] | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        next_tick: Callable[[], float] | None = None,
     ) -> None:
         self.engine = engine
         self.root = engine.root
@@ -146,6 +155,7 @@ class Daemon:
         self.queue = WorkQueue()
         self.on_tick = on_tick
         self.on_ready = on_ready
+        self.next_tick = next_tick
         self.mode = "poll" if settings.poll else "inotify"
         self._observer: Any = None
         self._root_id: tuple[int, int] | None = None
@@ -193,6 +203,8 @@ class Daemon:
         next_health = now + self.settings.health_every
         while not self.stop.is_set():
             deadlines = [next_scan, next_health, *(due for due, _ in self._retries.values())]
+            if self.next_tick:
+                deadlines.append(self.next_tick())
             work = self.queue.take(min(deadlines) - time.monotonic())
             if self.stop.is_set():
                 break
