@@ -12,14 +12,22 @@ import typer
 
 from ckpt_watch import __version__
 from ckpt_watch.check import NothingToCheckError, check_path
+from ckpt_watch.config import Config, ConfigError, load_config
+from ckpt_watch.config_show import render as render_config
 from ckpt_watch.history import replay
 from ckpt_watch.history_table import select, table
-from ckpt_watch.logsetup import FORMATS, LEVELS
 from ckpt_watch.logsetup import configure as configure_logging
 from ckpt_watch.ranking import Metric, MetricError, resolve_metric
 from ckpt_watch.report import Style, plain, write_json, write_text
-from ckpt_watch.service import DaemonSettings, StartError, default_history, serve
-from ckpt_watch.watch import WatchSettings
+from ckpt_watch.service import StartError, default_history
+from ckpt_watch.supervisor import serve_many
+from ckpt_watch.unitfile import (
+    DEFAULT_CONFIG,
+    invoking_user,
+    render_unit,
+    spec_for,
+    this_executable,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -109,10 +117,41 @@ def check(
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
 
 
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file. Default: $CKPT_WATCH_CONFIG, if set."),
+]
+RootsArgument = Annotated[
+    list[Path] | None,
+    typer.Argument(help="Training output trees to watch. Default: the config's [[root]] tables."),
+]
+
+
+def settings(
+    config: Path | None,
+    roots: list[Path] | None,
+    flags: dict[str, object] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    credentials: bool = True,
+) -> Config:
+    """Load the settings, or end with one line and exit status 2."""
+    try:
+        return load_config(
+            config, environ=environ, flags=flags, roots=roots or (), credentials=credentials
+        )
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
 @app.command()
 def start(
-    root: Annotated[Path, typer.Argument(help="The training output tree to watch.")],
-    metric: MetricOption = "eval_loss",
+    roots: RootsArgument = None,
+    config: ConfigOption = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Metric as the Trainer logs it (as in check). Default: eval_loss."),
+    ] = None,
     mode: ModeOption = None,
     history: Annotated[
         Path | None,
@@ -123,28 +162,66 @@ def start(
         typer.Option(min=0.1, help="Poll every SECONDS instead of using inotify."),
     ] = None,
     reconcile: Annotated[
-        float,
-        typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events."),
-    ] = 300.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+        float | None,
+        typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events. [300]"),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error. [info]")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json. [text]")] = None,
 ) -> None:
-    """Watch ROOT: rank every new checkpoint, record it, announce new bests."""
-    if log_level not in LEVELS:
-        fail(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}", 2)
-    if log_format not in FORMATS:
-        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}", 2)
-    configure_logging(log_level, log_format)
-    settings = DaemonSettings(
-        root=root,
-        metric=metric_from(metric, mode),
-        history=history,
-        watch=WatchSettings(poll=poll, reconcile=reconcile),
-    )
+    """Watch ROOT: rank every new checkpoint, record it, announce new bests.
+
+    Settings come from flags, then CKPT_WATCH_* variables, then the --config file, then
+    defaults. Under systemd it reports readiness and pings the watchdog; SIGHUP re-reads
+    the configuration.
+    """
+    flags: dict[str, object] = {
+        "metric": metric,
+        "mode": mode,
+        "history": history,
+        "poll": poll,
+        "reconcile": reconcile,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
+    chosen = settings(config, roots, flags)
+    configure_logging(chosen.log_level, chosen.log_format)
     try:
-        serve(settings)
+        serve_many(
+            chosen,
+            reload=lambda: load_config(config, flags=flags, roots=roots or ()),
+            on_logging=configure_logging,
+        )
     except StartError as exc:
         fail(str(exc))
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(roots: RootsArgument = None, config: ConfigOption = None) -> None:
+    """Print the effective settings and where each came from, secrets masked."""
+    chosen = settings(config, roots, credentials=False)
+    typer.echo(render_config(chosen), nl=False)
+
+
+@app.command("systemd-unit")
+def systemd_unit(
+    config: Annotated[
+        Path, typer.Option("--config", help="The settings file the service will read.")
+    ] = DEFAULT_CONFIG,
+    user: Annotated[
+        str | None,
+        typer.Option(help="User to run as. Default: the user behind sudo, or you."),
+    ] = None,
+) -> None:
+    """Print a systemd unit for this installation, for /etc/systemd/system/ckpt-watch.service."""
+    chosen = settings(config, None, environ={}, credentials=False)
+    spec = spec_for(chosen, config, this_executable(), user or invoking_user())
+    typer.echo(render_unit(spec), nl=False)
 
 
 @app.command("history")
