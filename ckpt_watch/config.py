@@ -7,28 +7,28 @@ the flag, variable or file (and root table) it came from.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_watch.logsetup import FORMATS, LEVELS
-from ckpt_watch.ranking import Metric, MetricError, resolve_metric
+from ckpt_watch.config_keys import (
+    ENV_PREFIX,
+    ROOT_KEYS,
+    SETTINGS,
+    TOP_KEYS,
+    URL,
+    BadValueError,
+    check_path,
+    shown,
+)
+from ckpt_watch.ranking import Metric, resolve_metric
 
-ENV_PREFIX = "CKPT_WATCH_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 DEFAULT = "default"
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-_CREDENTIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]*")
-_PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 class ConfigError(ValueError):
@@ -48,7 +48,7 @@ class RootConfig:
     keep_top: int | None = None
     keep_every: int | None = None
     strip: bool = False
-    notify: tuple[str, ...] = ()
+    notify: tuple[str, ...] = field(default=(), repr=False)  # secrets
     notify_config: Path | None = None
     notify_credential: str | None = None
     min_delta: float | str | None = None
@@ -64,188 +64,6 @@ class Config:
     file: Path | None = None
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
     root_origins: tuple[Mapping[str, str], ...] = field(default=(), compare=False)
-
-
-class _BadValue(Exception):
-    """A value outside what a setting allows; ``quote`` is False for secrets."""
-
-    def __init__(self, *, quote: bool = True) -> None:
-        self.quote = quote
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One key: what it allows, how to check a typed value and how to read env text."""
-
-    name: str
-    allowed: str
-    check: Callable[[Any, Path], Any]
-    from_text: Callable[[str], Any]
-    process: bool = False  # one value for the whole process, not per root
-    default: Any = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-
-# ----- checks: a typed value (TOML, flag) in, the setting's value out ---------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _choice(options: Sequence[str]) -> Callable[[Any, Path], str]:
-    def check(value: Any, _base: Path) -> str:
-        if value not in options:
-            raise _BadValue
-        return str(value)
-
-    return check
-
-
-def _metric(value: Any, _base: Path) -> str:
-    if not isinstance(value, str):
-        raise _BadValue
-    try:
-        resolve_metric(value)
-    except MetricError as exc:
-        raise _BadValue from exc
-    return value.strip()
-
-
-def _seconds(minimum: float, *, zero_is_off: bool = False) -> Callable[[Any, Path], float | None]:
-    def check(value: Any, _base: Path) -> float | None:
-        if not _is_number(value) or not math.isfinite(value):
-            raise _BadValue
-        if zero_is_off and value == 0:
-            return None
-        if value < minimum:
-            raise _BadValue
-        return float(value)
-
-    return check
-
-
-def _count(value: Any, _base: Path) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _BadValue
-    return value
-
-
-def _switch(value: Any, _base: Path) -> bool:
-    if not isinstance(value, bool):
-        raise _BadValue
-    return value
-
-
-def _path(value: Any, base: Path) -> Path:
-    if not isinstance(value, str | os.PathLike) or not str(value).strip():
-        raise _BadValue
-    return Path(os.path.normpath(base / Path(value).expanduser()))
-
-
-def _existing_file(value: Any, base: Path) -> Path:
-    path = _path(value, base)
-    if not path.is_file():
-        raise _BadValue
-    return path
-
-
-def _urls(value: Any, _base: Path) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(url, str) for url in items):
-        raise _BadValue(quote=False)
-    if not all(_URL.fullmatch(url.strip()) for url in items):
-        raise _BadValue(quote=False)
-    return tuple(url.strip() for url in items)
-
-
-def _credential(value: Any, _base: Path) -> str:
-    if not isinstance(value, str) or not _CREDENTIAL.fullmatch(value):
-        raise _BadValue
-    return value
-
-
-def _delta(value: Any, _base: Path) -> float | str:
-    if _is_number(value) and math.isfinite(value) and value >= 0:
-        return float(value)
-    if isinstance(value, str) and (match := _PERCENT.fullmatch(value)):
-        return f"{match.group(1)}%"
-    raise _BadValue
-
-
-# ----- environment text to a typed value --------------------------------------------------
-
-
-def _as_text(text: str) -> str:
-    return text
-
-
-def _as_number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise _BadValue from exc
-
-
-def _as_int(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError as exc:
-        raise _BadValue from exc
-
-
-def _as_bool(text: str) -> bool:
-    word = text.strip().lower()
-    if word in _TRUE or word in _FALSE:
-        return word in _TRUE
-    raise _BadValue
-
-
-def _as_list(text: str) -> list[str]:
-    return text.split()
-
-
-def _as_delta(text: str) -> float | str:
-    return text if "%" in text else _as_number(text)
-
-
-# fmt: off
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("log_level", f"one of {', '.join(LEVELS)}", _choice(LEVELS), _as_text,
-            process=True, default="info"),
-    Setting("log_format", f"one of {', '.join(FORMATS)}", _choice(FORMATS), _as_text,
-            process=True, default="text"),
-    Setting("history", "a file path", _path, _as_text),
-    Setting("metric", "a metric name such as eval_loss or accuracy", _metric, _as_text,
-            default="eval_loss"),
-    Setting("mode", "min or max", _choice(("min", "max")), _as_text),
-    Setting("poll", "a number of seconds >= 0.1, or 0 for inotify",
-            _seconds(0.1, zero_is_off=True), _as_number),
-    Setting("reconcile", "a number of seconds >= 1", _seconds(1.0), _as_number, default=300.0),
-    Setting("keep", "a whole number >= 1", _count, _as_int),
-    Setting("keep_top", "a whole number >= 1", _count, _as_int),
-    Setting("keep_every", "a whole number of steps >= 1", _count, _as_int),
-    Setting("strip", "true or false", _switch, _as_bool, default=False),
-    Setting("notify", "notification URLs like scheme://...", _urls, _as_list, default=()),
-    Setting("notify_config", "an existing apprise config file", _existing_file, _as_text),
-    Setting("notify_credential", "a systemd credential name (letters, digits, _ . @ -)",
-            _credential, _as_text),
-    Setting("min_delta", "a number >= 0, or a percentage such as '1%'", _delta, _as_delta),
-)}
-# fmt: on
-ROOT_KEYS = ("path", *(name for name, s in SETTINGS.items() if not s.process))
-TOP_KEYS = (*(name for name in SETTINGS if name != "history"), "root")
-
-
-def _shown(value: Any, bad: _BadValue) -> str:
-    return f", not {value!r}" if bad.quote else ""
 
 
 # ----- layers -----------------------------------------------------------------------------
@@ -270,9 +88,9 @@ def _from_flags(flags: Mapping[str, Any]) -> _Layer:
             continue
         try:
             layer.values[name] = setting.check(value, cwd)
-        except _BadValue as bad:
+        except BadValueError as bad:
             raise ConfigError(
-                f"{setting.flag} must be {setting.allowed}{_shown(value, bad)}"
+                f"{setting.flag} must be {setting.allowed}{shown(value, bad)}"
             ) from None
     return layer
 
@@ -292,8 +110,8 @@ def _from_environment(environ: Mapping[str, str]) -> _Layer:
             continue  # an empty assignment, as EnvironmentFile= allows, means unset
         try:
             layer.values[setting.name] = setting.check(setting.from_text(text), cwd)
-        except _BadValue as bad:
-            raise ConfigError(f"{variable} must be {setting.allowed}{_shown(text, bad)}") from None
+        except BadValueError as bad:
+            raise ConfigError(f"{variable} must be {setting.allowed}{shown(text, bad)}") from None
     return layer
 
 
@@ -309,9 +127,9 @@ def _table_layer(
         setting = SETTINGS[key]
         try:
             layer.values[key] = setting.check(value, base)
-        except _BadValue as bad:
+        except BadValueError as bad:
             raise ConfigError(
-                f"{where}: {key} must be {setting.allowed}{_shown(value, bad)}"
+                f"{where}: {key} must be {setting.allowed}{shown(value, bad)}"
             ) from None
     return layer
 
@@ -353,8 +171,8 @@ def _read_file(path: Path) -> _File:
         if "path" not in table:
             raise ConfigError(f"{where}: path is missing (the directory to watch)")
         try:
-            root = _path(table["path"], base)
-        except _BadValue:
+            root = check_path(table["path"], base)
+        except BadValueError:
             raise ConfigError(f"{where}: path must be a directory path") from None
         roots.append((root, _table_layer(table, ROOT_KEYS, f"file [[root]] {number}", where, base)))
     return _File(path, top, roots)
@@ -421,7 +239,7 @@ def _choose_roots(file: _File | None, given: Sequence[Path]) -> list[tuple[Path,
     cwd = Path.cwd()
     chosen = []
     for root in given:
-        path = _path(root, cwd)
+        path = check_path(root, cwd)
         chosen.append((path, by_path.get(_same(path), _Layer("argument"))))
     return chosen
 
@@ -472,7 +290,7 @@ def _read_credential(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
     urls: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
-        if not all(_URL.fullmatch(word) for word in words):
+        if not all(URL.fullmatch(word) for word in words):
             raise ConfigError(f"{where}: line {number} is not a URL like scheme://...")
         urls.extend(words)
     return tuple(urls)

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ckpt_watch.config import DEFAULT, SETTINGS, Config, RootConfig
+from ckpt_watch.config import DEFAULT, Config, RootConfig
+from ckpt_watch.config_keys import SETTINGS
 from ckpt_watch.service import default_history
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -114,6 +114,7 @@ class Notifier:
         return self.send(f"EXTEND_TIMEOUT_USEC={max(int(seconds * 1_000_000), 1)}")
 
     def close(self) -> None:
+        """Close the socket; a later send opens it again."""
         with self._lock:
             if self._sock is not None:
                 self._sock.close()

@@ -22,126 +22,17 @@ from pathlib import Path
 from types import FrameType
 
 from ckpt_watch.config import Config, ConfigError, RootConfig
-from ckpt_watch.engine import Summary
 from ckpt_watch.sdnotify import Notifier, watchdog_interval
-from ckpt_watch.service import DaemonSettings, StartError, serve
-from ckpt_watch.watch import Daemon, DaemonHooks, WatchSettings
+from ckpt_watch.service import StartError
+from ckpt_watch.worker import Worker, root_key
 
 log = logging.getLogger(__name__)
 
 STOP_WAIT = 30.0  # seconds for every root to record its stop
-SUMMARY_EVERY = 1.0  # seconds between engine summaries for STATUS=
 EXTEND_EVERY = 2.0  # during the first scan, ask for more start-up time this often...
 EXTEND_BY = 20.0  # ...this much each time
 
 ConfigLoader = Callable[[], Config]
-
-
-def daemon_settings(root: RootConfig) -> DaemonSettings:
-    """What ``serve`` needs for one root."""
-    return DaemonSettings(
-        root=root.path,
-        metric=root.metric,
-        history=root.history,
-        watch=WatchSettings(poll=root.poll, reconcile=root.reconcile),
-    )
-
-
-def root_key(root: RootConfig) -> Path:
-    """Roots are told apart by their real path: one daemon (and one lock) per directory."""
-    return Path(os.path.realpath(root.path))
-
-
-class Worker:
-    """One root's daemon on its own thread, and what the main loop needs to know of it."""
-
-    def __init__(
-        self,
-        config: RootConfig,
-        wake: Callable[[], None],
-        *,
-        tick_every: float | None = None,
-        summaries: bool = False,
-    ) -> None:
-        self.config = config
-        self.stop = threading.Event()
-        self.ready = False
-        self.error: str | None = None
-        self.crashed = False
-        self.finished = False
-        self.daemon: Daemon | None = None
-        self.beat = time.monotonic()
-        self.summary: Summary | None = None
-        self._summary_at = -math.inf
-        self._summary_due = math.inf
-        self._wake = wake
-        self._tick_every = tick_every
-        self._summaries = summaries
-        self.thread = threading.Thread(
-            target=self._run, name=f"ckpt-watch {config.path}", daemon=True
-        )
-
-    def _run(self) -> None:
-        hooks: DaemonHooks = {"on_ready": self._on_ready, "on_tick": self._on_tick}
-        if self._tick_every or self._summaries:
-            hooks["next_tick"] = self._next_tick
-        try:
-            serve(daemon_settings(self.config), self.stop, hooks=hooks)
-        except StartError as exc:
-            self.error = str(exc)
-        except Exception as exc:
-            log.exception("daemon failed root=%s", self.config.path)
-            self.error = f"{self.config.path}: daemon failed: {type(exc).__name__}"
-            self.crashed = True
-        finally:
-            self.finished = True
-            self._wake()
-
-    def _on_ready(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self._on_tick(daemon)
-        self.ready = True
-        self._wake()
-
-    def _on_tick(self, daemon: Daemon) -> None:
-        now = time.monotonic()
-        self.beat = now
-        if not self._summaries:
-            return
-        if now - self._summary_at < SUMMARY_EVERY:
-            # Something happened too soon after the last count: count again when allowed.
-            self._summary_due = self._summary_at + SUMMARY_EVERY
-            return
-        self._summary_at, self._summary_due = now, math.inf
-        summary = daemon.engine.summary()
-        if summary != self.summary:
-            self.summary = summary
-            self._wake()
-
-    def _next_tick(self) -> float:
-        """When the daemon's loop must come round: for the next ping, or a deferred count."""
-        beat_due = self.beat + self._tick_every if self._tick_every else math.inf
-        return min(beat_due, self._summary_due)
-
-    def request_stop(self) -> None:
-        """Ask the daemon to stop; it records ``stopped`` and its thread ends."""
-        self.stop.set()
-        if self.daemon is not None:
-            self.daemon.queue.wake()
-
-    def problem(self, now: float, silent_limit: float) -> str | None:
-        """Why this root is unhealthy, or None; a first scan or a stop is not a problem."""
-        if self.stop.is_set():
-            return None
-        if self.finished:
-            return "its daemon ended"
-        if self.daemon is None:
-            return None
-        if not self.daemon.observer_alive:
-            return "its watch is down"
-        if now - self.beat > silent_limit:
-            return f"its loop has been busy for {now - self.beat:.1f}s"
-        return None
 
 
 class Supervisor:
@@ -179,10 +70,12 @@ class Supervisor:
             os.write(self._write_fd, b"\0")
 
     def request_stop(self) -> None:
+        """Stop every root and return from run (what SIGTERM and SIGINT do)."""
         self._stop_requested = True
         self.wake()
 
     def request_reload(self) -> None:
+        """Read the configuration again (what SIGHUP does)."""
         self._reload_requested = True
         self.wake()
 
@@ -222,9 +115,10 @@ class Supervisor:
                     next_ping = now + self.watchdog
                 if self.ready:
                     self._send_status()
-                deadline = next_ping if self.ready and self.watchdog else math.inf
                 if not self.ready:
                     deadline = next_extend
+                else:
+                    deadline = next_ping if self.watchdog else math.inf
                 self._wait(deadline - time.monotonic())
         finally:
             self._stop_all()

@@ -33,10 +33,12 @@ class UnitSpec:
 
     @property
     def in_home(self) -> bool:
+        """Whether anything the service needs lives where ProtectHome=yes would hide it."""
         return any(_under(path, _HOMES) for path in (self.executable, self.config, *self.writable))
 
     @property
     def in_tmp(self) -> bool:
+        """Whether a path lives in /tmp, which PrivateTmp=yes would replace."""
         return any(_under(path, _TMPS) for path in (self.config, *self.writable))
 
 

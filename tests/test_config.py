@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_watch.config import SETTINGS, ConfigError, load_config
+from ckpt_watch.config import ConfigError, load_config
+from ckpt_watch.config_keys import SETTINGS
 from ckpt_watch.config_show import mask_url
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "systemd" / "ckpt-watch.toml"

@@ -12,7 +12,7 @@ from conftest import wait_until
 from factories import write_run
 from notify_listener import NotifyListener
 
-from ckpt_watch import supervisor
+from ckpt_watch import supervisor, worker
 from ckpt_watch.config import Config, load_config
 from ckpt_watch.engine import Engine
 from ckpt_watch.sdnotify import Notifier
@@ -37,9 +37,9 @@ class Running:
             self.error = exc
 
     def daemon(self) -> Daemon:
-        (worker,) = self.supervisor.workers.values()
-        assert worker.daemon is not None
-        return worker.daemon
+        (only,) = self.supervisor.workers.values()
+        assert only.daemon is not None
+        return only.daemon
 
     def stop(self) -> None:
         self.supervisor.request_stop()
@@ -120,7 +120,7 @@ def test_dead_watch_withholds_pings_until_it_is_watched_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A dead observer stops WATCHDOG=1 (so systemd would restart us); pings resume once healed."""
-    monkeypatch.setattr(supervisor, "daemon_settings", _fast_health(supervisor.daemon_settings))
+    monkeypatch.setattr(worker, "daemon_settings", _fast_health(worker.daemon_settings))
     heal_blocked, heal_allowed = gate(monkeypatch, Daemon, "_check_health")
     config = load_config(environ={}, roots=[root])
     item = Running(config, listener, watchdog=0.1)
@@ -183,7 +183,7 @@ def test_daemon_that_dies_after_start_ends_the_service(
             raise RuntimeError("boom")
 
     monkeypatch.setattr(Daemon, "_check_health", explode)
-    monkeypatch.setattr(supervisor, "daemon_settings", _fast_health(supervisor.daemon_settings))
+    monkeypatch.setattr(worker, "daemon_settings", _fast_health(worker.daemon_settings))
     config = load_config(environ={}, roots=[root])
     item = Running(config, listener, watchdog=None)
     running.append(item)
