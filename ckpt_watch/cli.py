@@ -123,7 +123,9 @@ ConfigOption = Annotated[
 ]
 RootsArgument = Annotated[
     list[Path] | None,
-    typer.Argument(help="Training output trees to watch. Default: the config's [[root]] tables."),
+    typer.Argument(
+        metavar="ROOT", help="Training output trees to watch. Default: the config's roots."
+    ),
 ]
 
 
@@ -163,12 +165,14 @@ def start(
     ] = None,
     reconcile: Annotated[
         float | None,
-        typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events. [300]"),
+        typer.Option(
+            min=1.0, help="Rescan cheaply every SECONDS to catch missed events. Default: 300."
+        ),
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="debug, info, warning or error. [info]")
+        str | None, typer.Option(help="debug, info, warning or error. Default: info.")
     ] = None,
-    log_format: Annotated[str | None, typer.Option(help="text or json. [text]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json. Default: text.")] = None,
 ) -> None:
     """Watch ROOT: rank every new checkpoint, record it, announce new bests.
 

@@ -28,18 +28,20 @@ class UnitSpec:
     config: Path
     writable: tuple[Path, ...]
     credentials: tuple[str, ...] = ()
+    readable: tuple[Path, ...] = ()  # other files it reads: apprise configurations
     credentials_dir: Path = Path("/etc/ckpt-watch/credentials")
     environment_file: Path = Path("/etc/ckpt-watch/env")
 
     @property
     def in_home(self) -> bool:
         """Whether anything the service needs lives where ProtectHome=yes would hide it."""
-        return any(_under(path, _HOMES) for path in (self.executable, self.config, *self.writable))
+        paths = (self.executable, self.config, *self.writable, *self.readable)
+        return any(_under(path, _HOMES) for path in paths)
 
     @property
     def in_tmp(self) -> bool:
         """Whether a path lives in /tmp, which PrivateTmp=yes would replace."""
-        return any(_under(path, _TMPS) for path in (self.config, *self.writable))
+        return any(_under(path, _TMPS) for path in (self.config, *self.writable, *self.readable))
 
 
 def this_executable() -> Path:
@@ -73,6 +75,7 @@ def spec_for(config: Config, config_path: Path, executable: Path, user: str) -> 
         config=Path(os.path.abspath(config_path)),
         writable=tuple(dict.fromkeys(writable)),
         credentials=tuple(credentials),
+        readable=tuple(dict.fromkeys(r.notify_config for r in config.roots if r.notify_config)),
         credentials_dir=Path(os.path.abspath(config_path)).parent / "credentials",
         environment_file=Path(os.path.abspath(config_path)).parent / "env",
     )
@@ -156,7 +159,9 @@ def render_unit(spec: UnitSpec) -> str:
 
 
 def _under(path: Path, tops: Iterable[Path]) -> bool:
-    return any(path == top or top in path.parents for top in tops)
+    """Whether ``path``, symbolic links followed, is at or below one of ``tops``."""
+    real = Path(os.path.realpath(path))
+    return any(real == top or top in real.parents for top in tops)
 
 
 def _word(text: str) -> str:
