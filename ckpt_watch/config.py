@@ -135,7 +135,7 @@ def _table_layer(
 
 
 def _misplaced(key: str, allowed: Sequence[str], where: str) -> str:
-    if key == "history" or key == "path":
+    if key in ("history", "path"):
         return f"{where}: {key} belongs in a [[root]] table (each root has its own)"
     if key in SETTINGS and SETTINGS[key].process:
         return f"{where}: {key} can only be set at the top level of the file"
@@ -274,7 +274,9 @@ def _root(
 
 
 def _read_credential(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
-    """URLs in ``$CREDENTIALS_DIRECTORY/NAME``, one or more a line; ``#`` starts a comment."""
+    """URLs in ``$CREDENTIALS_DIRECTORY/NAME``, one or more a line; lines starting with ``#``
+    are comments (a ``#`` inside a URL, as in ``slack://.../#channel``, is part of it).
+    """
     directory = env.get(CREDENTIALS_ENV)
     where = f"notify_credential {name!r}"
     if not directory:
@@ -289,7 +291,7 @@ def _read_credential(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
         raise ConfigError(f"{where}: cannot read {file}: {reason}") from None
     urls: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
+        words = [] if line.lstrip().startswith("#") else line.split()
         if not all(URL.fullmatch(word) for word in words):
             raise ConfigError(f"{where}: line {number} is not a URL like scheme://...")
         urls.extend(words)

@@ -187,15 +187,15 @@ def test_poll_zero_means_inotify(tmp_path: Path, models: Path) -> None:
 
 
 def test_credential_urls_are_added_to_notify(tmp_path: Path, models: Path) -> None:
-    """notify_credential reads URLs from $CREDENTIALS_DIRECTORY/NAME, comments skipped."""
+    """Credential URLs come from $CREDENTIALS_DIRECTORY/NAME; only whole lines are comments."""
     credentials = tmp_path / "creds"
     credentials.mkdir()
-    write(credentials / "notify", "# team\njson://127.0.0.1:9/x\n\nmailto://u:pw@127.0.0.1 # me\n")
+    write(credentials / "notify", "# team\njson://127.0.0.1:9/x\n\nslack://a/b/c/#ml  ntfy://t\n")
     env = {"CREDENTIALS_DIRECTORY": str(credentials), "CKPT_WATCH_NOTIFY_CREDENTIAL": "notify"}
 
     (root,) = load_config(environ=env, roots=[models / "a"]).roots
 
-    assert root.notify == ("json://127.0.0.1:9/x", "mailto://u:pw@127.0.0.1")
+    assert root.notify == ("json://127.0.0.1:9/x", "slack://a/b/c/#ml", "ntfy://t")
     assert root.notify_credential == "notify"
 
 
