@@ -214,17 +214,19 @@ class Supervisor:
         changes = 0
         for key, worker in self.workers.items():
             target = wanted.get(key)
-            current = self._restarts.get(key, worker.config)
+            # A worker already stopping comes back only as a restart still to be done.
+            current = self._restarts.get(key) if worker.stop.is_set() else worker.config
+            if target == current:
+                continue
             if target is None:
                 log.info("reload: root removed path=%s", worker.config.path)
                 self._restarts.pop(key, None)
-                worker.request_stop()
-                changes += 1
-            elif target != current:
-                log.info("reload: root restarts path=%s changed=%s", key, _changed(current, target))
+            else:
+                changed = _changed(current or worker.config, target)
+                log.info("reload: root restarts path=%s changed=%s", key, changed)
                 self._restarts[key] = target
-                worker.request_stop()
-                changes += 1
+            worker.request_stop()
+            changes += 1
         for key, root in wanted.items():
             if key not in self.workers:
                 log.info("reload: root added path=%s", root.path)
@@ -332,7 +334,8 @@ def serve_many(
 
 def _changed(old: RootConfig, new: RootConfig) -> str:
     names = [f.name for f in dataclasses.fields(RootConfig)]
-    return ",".join(name for name in names if getattr(old, name) != getattr(new, name))
+    changed = [name for name in names if getattr(old, name) != getattr(new, name)]
+    return ",".join(changed) or "nothing (it was stopping)"
 
 
 def _roots(count: int) -> str:

@@ -24,8 +24,20 @@ from ckpt_watch.watch import Daemon
 class Running:
     """A Supervisor on a thread of its own (so it installs no signal handlers)."""
 
-    def __init__(self, config: Config, listener: NotifyListener, watchdog: float | None) -> None:
-        self.supervisor = Supervisor(config, notifier=Notifier(listener.address), watchdog=watchdog)
+    def __init__(
+        self,
+        config: Config,
+        listener: NotifyListener,
+        watchdog: float | None,
+        reloads: list[Config] | None = None,
+    ) -> None:
+        """``reloads`` are handed out last first, one per reload."""
+        self.supervisor = Supervisor(
+            config,
+            notifier=Notifier(listener.address),
+            watchdog=watchdog,
+            reload=reloads.pop if reloads is not None else None,
+        )
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
@@ -195,6 +207,36 @@ def test_daemon_that_dies_after_start_ends_the_service(
     assert isinstance(item.error, StartError)
     assert str(item.error) == f"{root}: daemon failed: RuntimeError"
     assert listener.wait_for("STOPPING") is not None
+
+
+def test_root_put_back_while_still_stopping_is_restarted(
+    tmp_path: Path,
+    listener: NotifyListener,
+    running: list[Running],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Removed by one reload and put back by the next before it stopped: it is watched again."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    both = load_config(environ={}, roots=[a, b])
+    only_a = load_config(environ={}, roots=[a])
+    slow_stop, stop_done = gate(monkeypatch, Daemon, "_stop_watching")
+    item = Running(both, listener, watchdog=None, reloads=[both, only_a])
+    running.append(item)
+    assert listener.wait_for("READY") is not None
+
+    slow_stop.set()
+    item.supervisor.request_reload()
+    assert wait_until(lambda: any(w.stop.is_set() for w in item.supervisor.workers.values()))
+    item.supervisor.request_reload()
+    assert listener.wait_for("RELOADING") is not None
+    assert listener.wait_for("RELOADING") is not None
+    stop_done.set()
+
+    history = b / ".ckpt-watch" / "history.jsonl"
+    assert wait_until(lambda: history.read_text().count('"started"') == 2)
+    assert [w.config.path for w in item.supervisor.workers.values()] == [a, b]
 
 
 def _fast_health(make: Callable[..., DaemonSettings]) -> Callable[..., DaemonSettings]:
