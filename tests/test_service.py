@@ -366,3 +366,30 @@ def test_sighup_with_an_unchanged_file_touches_nothing(
     assert "reload: configuration unchanged" in service.text()
     assert kinds(root) == ["started"]
     assert service.stop() == 0
+
+
+def test_notification_secrets_stay_out_of_logs_and_history(
+    tmp_path: Path, root: Path, services: list[Service], listener: NotifyListener
+) -> None:
+    """URLs, as started with, reloaded, or refused, never reach the log, history or STATUS."""
+    write_run(root / "run", {100: 0.5})
+    config = write_config(
+        tmp_path / "c.toml",
+        f'notify = ["json://user:filesecret@127.0.0.1:9/hook"]\n[[root]]\npath = "{root}"\n',
+    )
+    service = launch(services, listener, ["--config", str(config), "--log-level", "debug"])
+    assert listener.wait_for("READY") is not None, service.text()
+
+    write_config(config, config.read_text().replace("filesecret", "newsecret"))
+    reload(service, listener)
+    assert wait_until(lambda: kinds(root).count("started") == 2)
+    write_config(config, f'notify = "json://bad url secretword"\n[[root]]\npath = "{root}"\n')
+    reload(service, listener)
+    assert service.stop() == 0
+
+    everything = service.text() + (root / ".ckpt-watch" / "history.jsonl").read_text()
+    everything += "\n".join(str(message) for message in listener.messages)
+    for secret in ("filesecret", "newsecret", "secretword"):
+        assert secret not in everything
+    assert f"reload: root restarts path={root} changed=notify" in service.text()
+    assert f"reload refused: {config}: notify must be" in service.text()
