@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -13,13 +12,12 @@ from typing import Annotated, NoReturn
 import typer
 
 from ckpt_watch import __version__
-from ckpt_watch.announce import MinDeltaError, parse_min_delta
 from ckpt_watch.check import NothingToCheckError, check_path
-from ckpt_watch.engine import AnnouncePolicy
+from ckpt_watch.config import Config, ConfigError, load_config
+from ckpt_watch.config_show import render as render_config
 from ckpt_watch.history import History, HistoryError, replay, strict
 from ckpt_watch.history_table import select, table
 from ckpt_watch.lock import watching_daemon
-from ckpt_watch.logsetup import FORMATS, LEVELS
 from ckpt_watch.logsetup import configure as configure_logging
 from ckpt_watch.notify import NotifyConfigError, load_targets, send_test
 from ckpt_watch.prune import prune_once
@@ -34,8 +32,16 @@ from ckpt_watch.report import (
     write_text,
 )
 from ckpt_watch.retention import RetentionError, RetentionRules, plan_tree
-from ckpt_watch.service import DaemonSettings, StartError, default_history, serve
-from ckpt_watch.watch import WatchSettings
+from ckpt_watch.service import StartError, default_history
+from ckpt_watch.supervisor import serve_many
+from ckpt_watch.unitfile import (
+    DEFAULT_CONFIG,
+    invoking_user,
+    render_unit,
+    spec_for,
+    this_executable,
+)
+from ckpt_watch.worker import check_root
 
 app = typer.Typer(
     add_completion=False,
@@ -88,7 +94,6 @@ StripOption = Annotated[
         "state; weights and trainer_state.json stay.",
     ),
 ]
-ANNOUNCEABLE = frozenset({"new_best", "finished", "stalled", "nonfinite"})
 ModeOption = Annotated[
     str | None,
     typer.Option(
@@ -110,19 +115,6 @@ def targets_from(notify: list[str] | None, config: Path | None) -> list[str]:
         return load_targets(notify or [], config)
     except NotifyConfigError as exc:
         fail(str(exc), 2)
-
-
-def policy_from(announce: str, min_delta: str, stall_factor: float) -> AnnouncePolicy:
-    kinds = frozenset(kind.strip() for kind in announce.split(",") if kind.strip())
-    unknown = kinds - ANNOUNCEABLE
-    if unknown:
-        allowed = ", ".join(sorted(ANNOUNCEABLE))
-        fail(f"--announce takes {allowed}; not {', '.join(sorted(unknown))}", 2)
-    try:
-        parse_min_delta(min_delta)
-    except MinDeltaError as exc:
-        fail(str(exc), 2)
-    return AnnouncePolicy(kinds, min_delta, stall_factor, socket.gethostname())
 
 
 def rules_from(
@@ -194,10 +186,43 @@ def check(
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
 
 
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file. Default: $CKPT_WATCH_CONFIG, if set."),
+]
+RootsArgument = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        metavar="ROOT", help="Training output trees to watch. Default: the config's roots."
+    ),
+]
+
+
+def settings(
+    config: Path | None,
+    roots: list[Path] | None,
+    flags: dict[str, object] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    credentials: bool = True,
+) -> Config:
+    """Load the settings, or end with one line and exit status 2."""
+    try:
+        return load_config(
+            config, environ=environ, flags=flags, roots=roots or (), credentials=credentials
+        )
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
 @app.command()
 def start(
-    root: Annotated[Path, typer.Argument(help="The training output tree to watch.")],
-    metric: MetricOption = "eval_loss",
+    roots: RootsArgument = None,
+    config: ConfigOption = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Metric as the Trainer logs it (as in check). Default: eval_loss."),
+    ] = None,
     mode: ModeOption = None,
     history: Annotated[
         Path | None,
@@ -208,56 +233,117 @@ def start(
         typer.Option(min=0.1, help="Poll every SECONDS instead of using inotify."),
     ] = None,
     reconcile: Annotated[
-        float,
-        typer.Option(min=1.0, help="Rescan cheaply every SECONDS to catch missed events."),
-    ] = 300.0,
+        float | None,
+        typer.Option(
+            min=1.0, help="Rescan cheaply every SECONDS to catch missed events. Default: 300."
+        ),
+    ] = None,
     keep: KeepOption = None,
     keep_top: KeepTopOption = None,
     keep_every: KeepEveryOption = None,
-    strip: StripOption = False,
+    strip: Annotated[
+        bool | None,
+        typer.Option(
+            "--strip/--no-strip",
+            help="Instead of deleting, remove only optimizer, scheduler, RNG and DeepSpeed state.",
+        ),
+    ] = None,
     notify: NotifyOption = None,
     notify_config: NotifyConfigOption = None,
     announce: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="What to announce, comma-separated: new_best, finished, stalled, nonfinite."
+            help="What to announce, comma-separated: new_best, finished, stalled, nonfinite. "
+            "Default: new_best."
         ),
-    ] = "new_best",
+    ] = None,
     min_delta: Annotated[
-        str,
+        str | None,
         typer.Option(help="Announce only improvements of at least this much: 0.01, or 1%."),
-    ] = "",
+    ] = None,
     coalesce: Annotated[
-        float,
-        typer.Option(min=0.0, help="New bests of one run within SECONDS make one message."),
-    ] = 10.0,
+        float | None,
+        typer.Option(
+            min=0.0, help="New bests of one run within SECONDS make one message. Default: 10."
+        ),
+    ] = None,
     stall_factor: Annotated[
-        float,
-        typer.Option(min=1.0, help="Stalled: no checkpoint for this many usual intervals."),
-    ] = 3.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+        float | None,
+        typer.Option(
+            min=1.0, help="Stalled: no checkpoint for this many usual intervals. Default: 3."
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error. Default: info.")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json. Default: text.")] = None,
 ) -> None:
-    """Watch ROOT: rank every new checkpoint, record it, announce new bests."""
-    if log_level not in LEVELS:
-        fail(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}", 2)
-    if log_format not in FORMATS:
-        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}", 2)
-    settings = DaemonSettings(
-        root=root,
-        metric=metric_from(metric, mode),
-        history=history,
-        watch=WatchSettings(poll=poll, reconcile=reconcile),
-        notify=targets_from(notify, notify_config),
-        policy=policy_from(announce, min_delta, stall_factor),
-        coalesce=coalesce,
-        retention=rules_from(keep, keep_top, keep_every, strip),
-    )
-    configure_logging(log_level, log_format)  # after the checks, which report in one line
+    """Watch ROOT: rank every new checkpoint, record it, announce new bests.
+
+    Settings come from flags, then CKPT_WATCH_* variables, then the --config file, then
+    defaults. Under systemd it reports readiness and pings the watchdog; SIGHUP re-reads
+    the configuration.
+    """
+    flags: dict[str, object] = {
+        "metric": metric,
+        "mode": mode,
+        "history": history,
+        "poll": poll,
+        "reconcile": reconcile,
+        "keep": keep,
+        "keep_top": keep_top,
+        "keep_every": keep_every,
+        "strip": strip,
+        "notify": tuple(notify) if notify else None,
+        "notify_config": notify_config,
+        "announce": announce,
+        "min_delta": min_delta,
+        "coalesce": coalesce,
+        "stall_factor": stall_factor,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
+    chosen = settings(config, roots, flags)
+    for root in chosen.roots:
+        problem = check_root(root)
+        if problem:
+            fail(problem, 2)
+    configure_logging(chosen.log_level, chosen.log_format)
     try:
-        serve(settings)
+        serve_many(
+            chosen,
+            reload=lambda: load_config(config, flags=flags, roots=roots or ()),
+            on_logging=configure_logging,
+        )
     except StartError as exc:
         fail(str(exc))
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the settings.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(roots: RootsArgument = None, config: ConfigOption = None) -> None:
+    """Print the effective settings and where each came from, secrets masked."""
+    chosen = settings(config, roots, credentials=False)
+    typer.echo(render_config(chosen), nl=False)
+
+
+@app.command("systemd-unit")
+def systemd_unit(
+    config: Annotated[
+        Path, typer.Option("--config", help="The settings file the service will read.")
+    ] = DEFAULT_CONFIG,
+    user: Annotated[
+        str | None,
+        typer.Option(help="User to run as. Default: the user behind sudo, or you."),
+    ] = None,
+) -> None:
+    """Print a systemd unit for this installation, for /etc/systemd/system/ckpt-watch.service."""
+    chosen = settings(config, None, environ={}, credentials=False)
+    spec = spec_for(chosen, config, this_executable(), user or invoking_user())
+    typer.echo(render_unit(spec), nl=False)
 
 
 @app.command("history")

@@ -20,7 +20,7 @@ from ckpt_watch.prune import Pruner, recover_trash
 from ckpt_watch.ranking import Metric
 from ckpt_watch.retention import RetentionRules
 from ckpt_watch.trainer_state import checkpoint_step
-from ckpt_watch.watch import Daemon, WatchSettings
+from ckpt_watch.watch import Daemon, DaemonHooks, WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ def default_history(root: Path) -> Path:
     return root / STATE_DIR / "history.jsonl"
 
 
-def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None:
+def serve(
+    settings: DaemonSettings,
+    stop: threading.Event | None = None,
+    *,
+    hooks: DaemonHooks | None = None,
+) -> None:
     """Watch until SIGINT/SIGTERM (or ``stop``); raises StartError if it cannot start."""
     root = settings.root
     if not root.is_dir():
@@ -68,14 +73,20 @@ def serve(settings: DaemonSettings, stop: threading.Event | None = None) -> None
         with RootLock(root) as lock:
             history = History(settings.history_path, stop=stop)
             try:
-                _run(settings, history, stop, lock)
+                _run(settings, history, stop, lock, hooks or {})
             finally:
                 history.close()
     except (LockedError, HistoryError) as exc:
         raise StartError(str(exc)) from exc
 
 
-def _run(settings: DaemonSettings, history: History, stop: threading.Event, lock: RootLock) -> None:
+def _run(
+    settings: DaemonSettings,
+    history: History,
+    stop: threading.Event,
+    lock: RootLock,
+    hooks: DaemonHooks,
+) -> None:
     engine = Engine(settings.root, settings.metric, history, policy=settings.policy, stop=stop)
     pruner = None
     if settings.retention is not None:
@@ -90,7 +101,9 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event, lock
     del events
     if notifier is not None:
         engine.deliver = notifier.announce
-    daemon = Daemon(engine, settings.watch or WatchSettings(), stop, on_root_replaced=lock.acquire)
+    daemon = Daemon(
+        engine, settings.watch or WatchSettings(), stop, on_root_replaced=lock.acquire, **hooks
+    )
     restore = _install_signal_handlers(stop, daemon)
     log.info("starting pid=%d root=%s history=%s", os.getpid(), settings.root, history.path)
     try:
@@ -104,7 +117,8 @@ def _run(settings: DaemonSettings, history: History, stop: threading.Event, lock
             pruner.close(timeout=5.0)
         summary = engine.summary()
         try:
-            history.append("stopped", pid=os.getpid(), runs=summary.runs)
+            if daemon.started:  # a stop during the first scan started nothing to record
+                history.append("stopped", pid=os.getpid(), runs=summary.runs)
         except HistoryError as exc:
             log.error("could not record the stop: %s", exc)
         log.info("stopped pid=%d root=%s", os.getpid(), settings.root)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -131,6 +131,14 @@ class EventRouter(FileSystemEventHandler):
                 self.queue.add(kind, self.root / path.relative_to(self.watched))
 
 
+class DaemonHooks(TypedDict, total=False):
+    """Callbacks for whoever runs the Daemon: ``next_tick`` is when ``on_tick`` wants to run."""
+
+    on_ready: Callable[[Daemon], None]
+    on_tick: Callable[[Daemon], None]
+    next_tick: Callable[[], float]
+
+
 class Daemon:
     """The main loop: owns the observer, hands work to the engine, stops cleanly."""
 
@@ -143,6 +151,7 @@ class Daemon:
         on_tick: Callable[[Daemon], None] | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
         on_root_replaced: Callable[[], None] | None = None,
+        next_tick: Callable[[], float] | None = None,
     ) -> None:
         self.engine = engine
         self.root = engine.root
@@ -152,10 +161,12 @@ class Daemon:
         self.on_tick = on_tick
         self.on_ready = on_ready
         self.on_root_replaced = on_root_replaced
+        self.next_tick = next_tick
         self.mode = "poll" if settings.poll else "inotify"
         self._observer: Any = None
         self._root_id: tuple[int, int] | None = None
         self._retries: dict[Path, tuple[float, int]] = {}
+        self.started = False  # whether the started record was written
 
     # ----- lifecycle --------------------------------------------------------------------
 
@@ -170,6 +181,7 @@ class Daemon:
         if pending:
             self._schedule_retry(self.root, 0)
         summary = self.engine.summary()
+        self.started = True
         self.engine.history.append(
             "started",
             root=str(self.root.absolute()),
@@ -202,6 +214,8 @@ class Daemon:
         next_health = now + self.settings.health_every
         while not self.stop.is_set():
             deadlines = [next_scan, next_health, *(due for due, _ in self._retries.values())]
+            if self.next_tick:
+                deadlines.append(self.next_tick())
             work = self.queue.take(min(deadlines) - time.monotonic())
             if self.stop.is_set():
                 break
