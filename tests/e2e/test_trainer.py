@@ -203,7 +203,7 @@ def check_retention(events: list[dict[str, Any]], trainings: list[Training]) -> 
     assert [e for e in events if e["event"] == "pruned"] == []
     for training in trainings:
         removed = {e["checkpoint"] for e in of_run(events, training.run, "removed")}
-        assert removed == set(training.saved) - training.on_disk()
+        assert removed <= set(training.saved) - training.on_disk()
 
 
 def check_best_model_loaded(training: Training) -> None:
@@ -255,7 +255,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     daemon = Daemon(root, *watch_options(smtp))
     try:
         daemon.wait_started()
-        # Seed 3 gets worse and then better again twice before its best: the run to count on.
+        # With seed 3 the loss gets worse and then better again more than once: count on it.
         first = train(root, "run-a", seed=3, daemon=daemon, lockstep=True)
         second = train(root, "run-b", seed=1, daemon=daemon, lockstep=False)
         for training in (first, second):
@@ -290,15 +290,27 @@ def test_our_best_is_the_trainers_best(session: Session) -> None:
 
 def test_history_matches_the_checkpoints_that_existed(session: Session) -> None:
     """Every checkpoint saved is recorded once with the Trainer's value; deleted ones as removed."""
-    for training in session.trainings:
-        records = session.of(training, "checkpoint")
-        removed = [e["checkpoint"] for e in session.of(training, "removed")]
+    training = session.lockstep
+    records = session.of(training, "checkpoint")
+    removed = [e["checkpoint"] for e in session.of(training, "removed")]
 
-        assert [e["checkpoint"] for e in records] == training.saved
-        assert {e["checkpoint"]: e["value"] for e in records} == {
-            name: training.evals[name] for name in training.saved
-        }
-        assert sorted(removed) == sorted(set(training.saved) - training.on_disk())
+    assert [e["checkpoint"] for e in records] == training.saved
+    assert [e["value"] for e in records] == [training.evals[name] for name in training.saved]
+    assert sorted(removed) == sorted(set(training.saved) - training.on_disk())
+
+
+def test_free_running_history_holds_only_what_existed(session: Session) -> None:
+    """At the Trainer's own pace, each record is a real save with its value; none is doubled."""
+    training = session.free
+    records = session.of(training, "checkpoint")
+    recorded = [e["checkpoint"] for e in records]
+    removed = [e["checkpoint"] for e in session.of(training, "removed")]
+
+    # A checkpoint the rotation deleted before the daemon could read it is never recorded.
+    assert recorded == [name for name in training.saved if name in recorded]
+    assert [e["value"] for e in records] == [training.evals[name] for name in recorded]
+    assert sorted(removed) == sorted(set(recorded) - training.on_disk())
+    assert training.on_disk() <= set(recorded)
 
 
 def test_exactly_one_new_best_per_improvement(session: Session) -> None:
