@@ -277,10 +277,20 @@ def test_a_running_daemon_follows_a_simulated_run(tmp_path: Path) -> None:
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
 
 
+def _as_at_a_terminal() -> None:
+    """Let Ctrl-C through: a background shell may have started this run with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_with_one_line(tmp_path: Path) -> None:
     """Ctrl-C while waiting for the next save ends with one line and exit status 130."""
     command = [sys.executable, "-m", "ckpt_watch", "simulate", str(tmp_path / "demo")]
-    proc = subprocess.Popen([*command, "--every", "30"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*command, "--every", "30"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_at_a_terminal,
+    )
     assert wait_until(lambda: (tmp_path / "demo").is_dir())
 
     proc.send_signal(signal.SIGINT)
