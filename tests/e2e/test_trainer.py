@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,9 @@ torch = pytest.importorskip("torch", reason=NEEDS)
 transformers = pytest.importorskip("transformers", reason=NEEDS)
 pytest.importorskip("accelerate", reason=NEEDS)
 
-from aiosmtpd.controller import Controller  # noqa: E402
 from commands import Daemon, check_json, of_run  # noqa: E402
 from conftest import wait_until  # noqa: E402
+from receivers import Mailbox  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from ckpt_watch.trainer_state import last_component  # noqa: E402
@@ -156,54 +155,34 @@ def train(root: Path, run: str, seed: int, daemon: Daemon, *, lockstep: bool) ->
     return training
 
 
-# ----- extension points: notifications (--notify) and retention (--keep) --------------------
+# ----- notifications (--notify, to a real SMTP server) and retention (--keep) -----------------
 
 
-class SmtpSink:
-    """A real SMTP server on 127.0.0.1 that keeps every message it receives."""
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
-        self._controller.start()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(envelope.content)
-        return "250 OK"
-
-    def stop(self) -> None:
-        self._controller.stop()
+def watch_options(mailbox: Mailbox) -> list[str]:
+    """Options for ``ckpt-watch start`` beyond the root: mail every new best, keep 1."""
+    return ["--reconcile", "60", "--notify", mailbox.url(), "--coalesce", "0", "--keep", "1"]
 
 
-def watch_options(smtp: SmtpSink) -> list[str]:
-    """Options for ``ckpt-watch start`` beyond the root.
+def check_notifications(mailbox: Mailbox, events: list[dict[str, Any]]) -> None:
+    """Exactly one message per new best, each naming its run and checkpoint."""
+    new_bests = [e for e in events if e["event"] == "new_best"]
+    notified = [e for e in events if e["event"] == "notified"]
 
-    EXTENSION POINT: once ``start --notify`` and ``--keep`` exist, add
-    ``--notify mailto://...`` aimed at ``127.0.0.1:smtp.port`` and ``--keep N`` here.
-    """
-    return ["--reconcile", "60"]
-
-
-def check_notifications(smtp: SmtpSink, new_bests: list[dict[str, Any]]) -> None:
-    """EXTENSION POINT: with --notify, exactly one message per new_best, naming it.
-
-    Today no target is given, so the server must have received nothing.
-    """
-    assert smtp.messages == []
+    assert sorted(e["announce"] for e in notified) == sorted(e["announce"] for e in new_bests)
+    assert len(mailbox.messages) == len(new_bests)
+    bodies = [message.get_body(("plain",)).get_content() for message in mailbox.messages]
+    for best in new_bests:
+        wanted = f"{best['checkpoint']}, step {best['step']}"
+        assert sum(wanted in body and best["run"] in body for body in bodies) == 1
 
 
 def check_retention(events: list[dict[str, Any]], trainings: list[Training]) -> None:
-    """EXTENSION POINT: with --keep, what was pruned, and that best and newest survived.
-
-    Today nothing is pruned: every removal is one the Trainer's own rotation made.
-    """
-    assert [e for e in events if e["event"] == "pruned"] == []
+    """Pruning never took the Trainer's best or the newest; every deletion is accounted for."""
     for training in trainings:
+        pruned = {e["checkpoint"] for e in of_run(events, training.run, "pruned")}
         removed = {e["checkpoint"] for e in of_run(events, training.run, "removed")}
-        assert removed <= set(training.saved) - training.on_disk()
+        assert training.best not in pruned and training.saved[-1] not in pruned
+        assert pruned | removed <= set(training.saved) - training.on_disk()
 
 
 def check_best_model_loaded(training: Training) -> None:
@@ -226,7 +205,7 @@ class Session:
     free: Training
     events: list[dict[str, Any]]
     report: dict[str, Any]
-    smtp: SmtpSink
+    mailbox: Mailbox
 
     @property
     def trainings(self) -> list[Training]:
@@ -240,8 +219,27 @@ def _settled(daemon: Daemon, training: Training) -> bool:
     """Whether the history has caught up with the run's checkpoints on disk."""
     events = daemon.events()
     recorded = {e["checkpoint"] for e in of_run(events, training.run, "checkpoint")}
-    removed = {e["checkpoint"] for e in of_run(events, training.run, "removed")}
-    return recorded - removed == training.on_disk() and training.saved[-1] in recorded
+    gone = {
+        e["checkpoint"]
+        for kind in ("removed", "pruned")
+        for e in of_run(events, training.run, kind)
+    }
+    return recorded - gone == training.on_disk() and training.saved[-1] in recorded
+
+
+def _state(daemon: Daemon, training: Training) -> str:
+    """What the history and the disk say of a run, for a failure message."""
+    events = daemon.events()
+    recorded = sorted(e["checkpoint"] for e in of_run(events, training.run, "checkpoint"))
+    gone = sorted(
+        e["checkpoint"] for k in ("removed", "pruned") for e in of_run(events, training.run, k)
+    )
+    return f"recorded {recorded}, gone {gone}, on disk {sorted(training.on_disk())}"
+
+
+def _all_delivered(events: list[dict[str, Any]]) -> bool:
+    wanted = {e["announce"] for e in events if e["event"] == "new_best"}
+    return wanted <= {e["announce"] for e in events if e["event"] == "notified"}
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +249,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # leave the other core to the daemon
     transformers.logging.set_verbosity_error()
-    smtp = SmtpSink()
-    daemon = Daemon(root, *watch_options(smtp))
+    mailbox = Mailbox("trainer", "e2e-password")
+    daemon = Daemon(root, *watch_options(mailbox))
     try:
         daemon.wait_started()
         # With seed 3 the loss gets worse and then better again more than once: count on it.
@@ -260,13 +258,18 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         second = train(root, "run-b", seed=1, daemon=daemon, lockstep=False)
         for training in (first, second):
             settled = wait_until(lambda t=training: _settled(daemon, t), timeout=30)
-            assert settled, f"history never caught up with {training.run}"
+            assert settled, f"history never caught up with {training.run}: " + _state(
+                daemon, training
+            )
+        # apprise spaces mails to one server a few seconds apart: wait for every one.
+        delivered = wait_until(lambda: _all_delivered(daemon.events()), timeout=180)
+        assert delivered, f"mail not delivered:\n{daemon.log.read_text()}"
         assert daemon.stop() == 0
         report = check_json(root)
-        yield Session(root, first, second, daemon.events(), report, smtp)
+        yield Session(root, first, second, daemon.events(), report, mailbox)
     finally:
         daemon.stop()
-        smtp.stop()
+        mailbox.close()
         torch.set_num_threads(threads)
 
 
@@ -289,10 +292,12 @@ def test_our_best_is_the_trainers_best(session: Session) -> None:
 
 
 def test_history_matches_the_checkpoints_that_existed(session: Session) -> None:
-    """Every checkpoint saved is recorded once with the Trainer's value; deleted ones as removed."""
+    """Every checkpoint saved is recorded once with the Trainer's value; deleted ones as removed
+    (by the Trainer's rotation) or pruned (by ours)."""
     training = session.lockstep
     records = session.of(training, "checkpoint")
     removed = [e["checkpoint"] for e in session.of(training, "removed")]
+    removed += [e["checkpoint"] for e in session.of(training, "pruned")]
 
     assert [e["checkpoint"] for e in records] == training.saved
     assert [e["value"] for e in records] == [training.evals[name] for name in training.saved]
@@ -305,6 +310,7 @@ def test_free_running_history_holds_only_what_existed(session: Session) -> None:
     records = session.of(training, "checkpoint")
     recorded = [e["checkpoint"] for e in records]
     removed = [e["checkpoint"] for e in session.of(training, "removed")]
+    removed += [e["checkpoint"] for e in session.of(training, "pruned")]
 
     # A checkpoint the rotation deleted before the daemon could read it is never recorded.
     assert recorded == [name for name in training.saved if name in recorded]
@@ -346,11 +352,13 @@ def test_sibling_runs_are_tracked_separately(session: Session) -> None:
         assert all(path.parent == training.path for path in paths)
 
 
-def test_notifications_and_retention(session: Session) -> None:
-    """Mail and pruning as far as the daemon does them today (see the extension points)."""
-    new_bests = [e for e in session.events if e["event"] == "new_best"]
+def test_one_mail_per_new_best(session: Session) -> None:
+    """Every new best reached the real SMTP server exactly once."""
+    check_notifications(session.mailbox, session.events)
 
-    check_notifications(session.smtp, new_bests)
+
+def test_pruning_kept_what_the_trainer_needs(session: Session) -> None:
+    """With --keep 1 beside the Trainer's own rotation, nothing needed was deleted."""
     check_retention(session.events, session.trainings)
 
 
