@@ -209,5 +209,7 @@ def _trainer_best(ordered: Sequence[Checkpoint]) -> TrainerBest | None:
     if newest is None or newest.state is None or not newest.state.best_model_checkpoint:
         return None
     name = last_component(newest.state.best_model_checkpoint)
+    if not name:  # "/" names no directory
+        return None
     on_disk = (newest.path.parent / name).is_dir()
     return TrainerBest(name, newest.state.best_metric, on_disk, newest.step)
