@@ -115,16 +115,18 @@ def rank_run(checkpoints: Sequence[Checkpoint], metric: Metric) -> RunRanking:
     """Rank checkpoints of one run directory by ``metric``.
 
     The value of checkpoint N is the evaluation at step N in its own state file, else in
-    the newest sibling that continues the same training (same history); checkpoints
+    the nearest newer sibling that continues the same training (same history); checkpoints
     without one are listed but not ranked. NaN and infinities rank last and are never
     best; ties go to the earlier step.
     """
     ordered = sorted(checkpoints, key=_step)
     values = {c.step: _own_value(c, metric) for c in ordered}
     lenders: dict[int, str | None] = {c.step: None for c in ordered}
+    unvalued = {c.step for c in ordered if values[c.step] is None and c.state is not None}
+    logged_by = _logged_by(unvalued, ordered, metric)
     for older in ordered:
-        if values[older.step] is None and older.state is not None:
-            lent = _lent_value(older, ordered, metric)
+        if older.step in unvalued:
+            lent = _lent_value(older, logged_by.get(older.step, []), metric)
             if lent is not None:
                 values[older.step], lenders[older.step] = lent
 
@@ -157,16 +159,30 @@ def _sort_key(value: float, step: int, metric: Metric) -> tuple[int, float, int]
     return (0, value if metric.mode == "min" else -value, step)
 
 
+def _logged_by(
+    steps: set[int], ordered: Sequence[Checkpoint], metric: Metric
+) -> dict[int, list[Checkpoint]]:
+    """For each of ``steps``, the checkpoints (in step order) whose file logged ``metric`` there.
+
+    Each file is looked up only at the steps it and ``steps`` share, so that a run of
+    thousands of checkpoints, none evaluated, is not compared pair by pair.
+    """
+    found: dict[int, list[Checkpoint]] = {}
+    for checkpoint in ordered:
+        evals = checkpoint.state.evals if checkpoint.state else {}
+        for step in evals.keys() & steps:
+            if metric.name in evals[step]:
+                found.setdefault(step, []).append(checkpoint)
+    return found
+
+
 def _lent_value(
-    older: Checkpoint, ordered: Sequence[Checkpoint], metric: Metric
+    older: Checkpoint, loggers: Sequence[Checkpoint], metric: Metric
 ) -> tuple[float, str] | None:
     """The value logged at ``older``'s step by a newer sibling of the same training."""
-    for newer in ordered:
-        if newer.step <= older.step or newer.state is None:
-            continue
-        value = newer.state.evals.get(older.step, {}).get(metric.name)
-        if value is not None and continues(older, newer):
-            return value, newer.name
+    for newer in loggers:
+        if newer.step > older.step and newer.state and continues(older, newer):
+            return newer.state.evals[older.step][metric.name], newer.name
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,30 @@ def test_ties_go_to_the_earlier_step_always(steps: list[int], value: float) -> N
 
     assert ranking.best is not None and ranking.best.checkpoint.step == min(steps)
     assert [e.rank for e in ranking.entries] == list(range(1, len(steps) + 1))
+
+
+def test_a_run_of_many_unevaluated_checkpoints_is_ranked_quickly() -> None:
+    """10,000 checkpoints without evaluations are not compared pair by pair (that takes ~10 s)."""
+    checkpoints = [checkpoint(step) for step in range(1, 10_001)]
+
+    started = time.monotonic()
+    ranking = rank_run(checkpoints, LOSS)
+    elapsed = time.monotonic() - started
+
+    assert ranking.best is None
+    assert len(ranking.entries) == 10_000
+    assert elapsed < 3.0
+
+
+def test_the_nearest_newer_sibling_of_the_same_training_lends(tmp_path: Path) -> None:
+    """Of several newer checkpoints, a restarted one is passed over for one that continues."""
+    write_checkpoint(tmp_path, 500, trainer_state(500, {}))
+    evals = {500: {"eval_loss": 0.3}, 1000: {"eval_loss": 0.4}}
+    write_checkpoint(tmp_path, 1000, trainer_state(1000, evals, train_loss=2.0))
+    evals_1500 = {500: {"eval_loss": 0.3}, 1500: {"eval_loss": 0.2}}
+    write_checkpoint(tmp_path, 1500, trainer_state(1500, evals_1500))
+
+    ranking = rank_run(read_all(tmp_path), LOSS)
+
+    first = ranking.entries[0]
+    assert (first.value, first.value_from) == (0.3, "checkpoint-1500")
