@@ -7,6 +7,7 @@ import math
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from factories import dumps, trainer_state, write_checkpoint, write_run
 from typer.testing import CliRunner
 
 from ckpt_watch import __version__
+from ckpt_watch.check import check_path
 from ckpt_watch.cli import app
+from ckpt_watch.ranking import resolve_metric
 
 RULE = "=" * 70
 
@@ -467,9 +470,6 @@ def test_path_given_as_a_checkpoint_checks_its_run(tmp_path: Path) -> None:
 
 def test_a_checkpoint_that_vanishes_during_the_check_is_left_out(tmp_path: Path) -> None:
     """Rotation deleting a checkpoint between the scan and the read just leaves it out."""
-    from ckpt_watch.check import check_path
-    from ckpt_watch.ranking import resolve_metric
-
     write_run(tmp_path / "run", {100: 0.5, 200: 0.25, 300: 0.125})
     reports = check_path(tmp_path / "run", resolve_metric("loss"))
     for entry in (tmp_path / "run" / "checkpoint-300").iterdir():
@@ -537,3 +537,13 @@ def test_factories_write_the_trainer_layout() -> None:
 
     assert text.startswith('{\n  "best_metric": null,\n')
     assert '\n  "log_history": [\n    {\n' in text
+
+
+def test_a_run_deleted_during_the_check_is_left_out(tmp_path: Path) -> None:
+    """A whole run removed between the scan and its reading leaves no empty report behind."""
+    write_run(tmp_path / "a", {100: 0.5})
+    write_run(tmp_path / "b", {100: 0.5})
+    reports = check_path(tmp_path, resolve_metric("loss"))
+    shutil.rmtree(tmp_path / "a")
+
+    assert [report.run for report in reports] == ["b"]
