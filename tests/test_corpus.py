@@ -72,6 +72,11 @@ def test_single_file(tmp_path: Path, name: str) -> None:
     best = report.ranking.best
     finite = entry.value is not None and math.isfinite(entry.value)
     assert (best.name if best else None) == (entry.name if finite else None)
+    if trainer is not None and trainer.name != entry.name:  # laid out alone, its best is gone
+        assert not trainer.on_disk
+        assert (report.ranking.disagreement() or "").endswith(
+            f"{trainer.name} is no longer on disk"
+        )
 
 
 @pytest.mark.parametrize(
@@ -94,6 +99,8 @@ def test_run(run: str, metric: str) -> None:
     assert (ranking.best.name if ranking.best else None) == wanted["best"]
     assert (ranking.trainer_best.name if ranking.trainer_best else None) == expected["trainer_best"]
     assert all(entry.checkpoint.error is None for entry in ranking.entries)
+    agree = expected["trainer_best"] in (None, wanted["best"])
+    assert (ranking.disagreement() is None) == agree
 
 
 def test_whole_corpus_tree_in_one_check() -> None:
