@@ -42,7 +42,7 @@ def resolve_metric(name: str = "eval_loss", mode: str | None = None) -> Metric:
     lower-is-better, every other name higher-is-better.
     """
     name = name.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_./-]+", name):
+    if not name or not name.isprintable():  # any other key compute_metrics returns is fine
         raise MetricError(f"metric name {name!r} is not a logged metric name")
     if not name.startswith("eval_"):
         name = f"eval_{name}"

@@ -366,7 +366,7 @@ def test_exit_1_with_one_line_when_nothing_to_check(
     [
         ["check"],
         ["check", ".", "--mode", "sideways"],
-        ["check", ".", "--metric", "two words"],
+        ["check", ".", "--metric", ""],
         ["check", ".", "--no-such-option"],
         ["no-such-command"],
     ],
@@ -547,3 +547,16 @@ def test_a_run_deleted_during_the_check_is_left_out(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "a")
 
     assert [report.run for report in reports] == ["b"]
+
+
+def test_metric_names_with_any_characters_the_trainer_logs(tmp_path: Path) -> None:
+    """Retrieval metrics such as cosine_ndcg@10 are ranked like any other."""
+    run = tmp_path / "run"
+    for step, value in [(100, 0.5), (200, 0.75)]:
+        rows = [{"eval_dim_768_cosine_ndcg@10": value, "step": step}]
+        write_checkpoint(run, step, {"global_step": step, "log_history": rows})
+
+    result = invoke("check", run, "--metric", "dim_768_cosine_ndcg@10", "--json")
+
+    assert result.exit_code == 0, result.stderr
+    assert strict_json(result.stdout)["runs"][0]["best"] == "checkpoint-200"

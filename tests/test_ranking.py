@@ -60,6 +60,8 @@ def ranks(ranking: RunRanking) -> dict[str, int | None]:
         ("eval_loss", "max", Metric("eval_loss", "max")),
         ("rewards/chosen", None, Metric("eval_rewards/chosen", "max")),
         ("lossy_f1", None, Metric("eval_lossy_f1", "max")),
+        ("eval_dim_768_cosine_ndcg@10", None, Metric("eval_dim_768_cosine_ndcg@10", "max")),
+        ("exact match", None, Metric("eval_exact match", "max")),
     ],
 )
 def test_resolve_metric(name: str, mode: str | None, expected: Metric) -> None:
@@ -69,7 +71,7 @@ def test_resolve_metric(name: str, mode: str | None, expected: Metric) -> None:
 
 @pytest.mark.parametrize(
     ("name", "mode"),
-    [("eval_loss", "lowest"), ("eval_loss", "MIN"), ("", None), ("a b", None), ("x;y", None)],
+    [("eval_loss", "lowest"), ("eval_loss", "MIN"), ("", None), (" ", None), ("a\nb", None)],
 )
 def test_resolve_metric_refuses(name: str, mode: str | None) -> None:
     """A mode other than min/max, or a name no Trainer logs, is refused with MetricError."""
