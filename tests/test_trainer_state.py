@@ -208,6 +208,20 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert_one_line_error(result, "cannot read trainer_state.json", "Permission denied")
 
 
+def test_permission_error_from_the_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However it arises (root reads anything), a refused open is a one-line error row."""
+    checkpoint = state_file(tmp_path, GOOD)
+
+    def refuse(path: str, flags: int, *args: int) -> int:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "open", refuse)
+    result = read_checkpoint(checkpoint)
+    monkeypatch.undo()
+
+    assert_one_line_error(result, "cannot read trainer_state.json: Permission denied")
+
+
 def test_over_the_size_cap(tmp_path: Path) -> None:
     """A file over the cap is refused with its size and the cap, without being read."""
     checkpoint = state_file(tmp_path, GOOD)
