@@ -97,15 +97,24 @@ class RunRanking:
     def _why(self, trainer: TrainerBest) -> str:
         if not trainer.on_disk:
             return f"{trainer.name} is no longer on disk"
+        theirs = next((e for e in self.entries if e.name == trainer.name), None)
+        if theirs is not None and theirs.checkpoint.error:
+            return f"{trainer.name} is listed with an error, so not ranked"
         newest = max((e.checkpoint for e in self.entries if e.checkpoint.state), key=_step)
         logged = newest.state.evals.get(_step_of(trainer.name), {}) if newest.state else {}
         if trainer.metric is not None:
             for key, value in sorted(logged.items()):
                 if value == trainer.metric and key != self.metric.name:
                     return f"the Trainer ranked by {key}, not {self.metric.name}"
-            if logged.get(self.metric.name) == trainer.metric:
+            ours = self.best.value if self.best else None
+            worse = ours is not None and self.metric.is_better(ours, trainer.metric)
+            if logged.get(self.metric.name) == trainer.metric and worse:
                 opposite = "higher" if self.metric.mode == "min" else "lower"
                 return f"the Trainer took {opposite} {self.metric.name} as better"
+        if theirs is not None and theirs.value is None:
+            return f"{trainer.name} has no {self.metric.name} at its own step"
+        if theirs is not None and not math.isfinite(theirs.value or 0.0):
+            return f"the {self.metric.name} of {trainer.name} is not a finite number"
         if self.best is not None and self.best.checkpoint.step > trainer.as_of_step:
             return f"the Trainer's record is as of step {trainer.as_of_step}"
         return "the Trainer ranked by a metric or rule that its state file does not name"

@@ -152,3 +152,25 @@ def test_multi_eval_sets_do_not_crash(tmp_path: Path) -> None:
     assert eval_keys
     assert by_set.ranking.best is not None
     assert by_set.ranking.best.name == "checkpoint-12030"
+
+
+def test_trainer_best_on_disk_without_its_state(tmp_path: Path) -> None:
+    """File 24's story: checkpoint-1800 is there but holds no state; the note says just that."""
+    source = (
+        corpus_dir() / "trainer_states" / "24_llama3-earlystopping-best-sibling-missing-state.json"
+    )
+    lay_out(source, tmp_path / "run", 2500)
+    (tmp_path / "run" / "checkpoint-1800").mkdir()
+
+    (report,) = check_path(tmp_path / "run", resolve_metric("eval_loss"))
+
+    ranking = report.ranking
+    assert [(e.name, e.rank) for e in ranking.entries] == [
+        ("checkpoint-1800", None),
+        ("checkpoint-2500", 1),
+    ]
+    assert ranking.trainer_best is not None and ranking.trainer_best.on_disk
+    assert ranking.disagreement() == (
+        "the Trainer names checkpoint-1800, we name checkpoint-2500: "
+        "checkpoint-1800 is listed with an error, so not ranked"
+    )

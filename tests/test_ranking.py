@@ -350,6 +350,62 @@ def test_disagreement_when_the_trainer_took_the_other_direction(tmp_path: Path) 
     )
 
 
+def test_disagreement_when_the_trainers_pick_cannot_be_read(tmp_path: Path) -> None:
+    """Its best is on disk but broken (corpus file 24): the sentence says so, not a direction."""
+    (tmp_path / "checkpoint-100").mkdir()
+    evals = {100: {"eval_loss": 0.3}, 200: {"eval_loss": 0.4}}
+    checkpoints = [
+        broken(100, run=tmp_path),
+        Checkpoint(
+            tmp_path / "checkpoint-200",
+            200,
+            state=TrainerState(200, 2.0, 1000, evals, 0.3, "out/checkpoint-100"),
+        ),
+    ]
+
+    note = rank_run(checkpoints, LOSS).disagreement()
+
+    assert note == (
+        "the Trainer names checkpoint-100, we name checkpoint-200: "
+        "checkpoint-100 is listed with an error, so not ranked"
+    )
+
+
+def test_disagreement_when_the_trainers_pick_was_not_evaluated_at_its_step(
+    tmp_path: Path,
+) -> None:
+    """The Trainer named a checkpoint that has no value at its own step: the sentence says so."""
+    for step in (100, 200):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    checkpoints = [
+        checkpoint(100, None, run=tmp_path),
+        checkpoint(200, 0.4, best="out/checkpoint-100", best_metric=0.1, run=tmp_path),
+    ]
+
+    note = rank_run(checkpoints, LOSS).disagreement()
+
+    assert (note or "").endswith("checkpoint-100 has no eval_loss at its own step")
+
+
+def test_disagreement_when_the_trainers_pick_is_nan(tmp_path: Path) -> None:
+    """Old Trainers kept a NaN first value as best; the sentence says the value is not finite."""
+    for step in (100, 200):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    evals = {100: {"eval_loss": math.nan}, 200: {"eval_loss": 0.4}}
+    checkpoints = [
+        checkpoint(100, math.nan, run=tmp_path),
+        Checkpoint(
+            tmp_path / "checkpoint-200",
+            200,
+            state=TrainerState(200, 2.0, 1000, evals, math.nan, "out/checkpoint-100"),
+        ),
+    ]
+
+    note = rank_run(checkpoints, LOSS).disagreement()
+
+    assert (note or "").endswith("the eval_loss of checkpoint-100 is not a finite number")
+
+
 def test_disagreement_without_a_reason_in_the_file(tmp_path: Path) -> None:
     """With nothing in the file to explain it, the sentence says the rule is not named."""
     for step in (100, 200):
