@@ -128,22 +128,21 @@ def rank_run(checkpoints: Sequence[Checkpoint], metric: Metric) -> RunRanking:
     without one are listed but not ranked. NaN and infinities rank last and are never
     best; ties go to the earlier step.
     """
-    ordered = sorted(checkpoints, key=_step)
-    values = {c.step: _own_value(c, metric) for c in ordered}
-    lenders: dict[int, str | None] = {c.step: None for c in ordered}
-    unvalued = {c.step for c in ordered if values[c.step] is None and c.state is not None}
-    logged_by = _logged_by(unvalued, ordered, metric)
-    for older in ordered:
-        if older.step in unvalued:
-            lent = _lent_value(older, logged_by.get(older.step, []), metric)
-            if lent is not None:
-                values[older.step], lenders[older.step] = lent
+    ordered = sorted(checkpoints, key=_order)
+    values = {c.path: _own_value(c, metric) for c in ordered}
+    lenders: dict[Path, str | None] = {c.path: None for c in ordered}
+    unvalued = [c for c in ordered if values[c.path] is None and c.state is not None]
+    logged_by = _logged_by({c.step for c in unvalued}, ordered, metric)
+    for older in unvalued:
+        lent = _lent_value(older, logged_by.get(older.step, []), metric)
+        if lent is not None:
+            values[older.path], lenders[older.path] = lent
 
-    valued = [c for c in ordered if values[c.step] is not None]
-    valued.sort(key=lambda c: _sort_key(values[c.step], c.step, metric))  # type: ignore[arg-type]
-    ranks = {c.step: place for place, c in enumerate(valued, start=1)}
+    valued = [c for c in ordered if values[c.path] is not None]
+    valued.sort(key=lambda c: _sort_key(values[c.path], c.step, metric))  # type: ignore[arg-type]
+    ranks = {c.path: place for place, c in enumerate(valued, start=1)}
 
-    entries = tuple(Ranked(c, values[c.step], ranks.get(c.step), lenders[c.step]) for c in ordered)
+    entries = tuple(Ranked(c, values[c.path], ranks.get(c.path), lenders[c.path]) for c in ordered)
     best = next((e for e in entries if e.rank == 1), None)
     if best is not None and not math.isfinite(best.value):  # type: ignore[arg-type]
         best = None
@@ -152,6 +151,12 @@ def rank_run(checkpoints: Sequence[Checkpoint], metric: Metric) -> RunRanking:
 
 def _step(checkpoint: Checkpoint) -> int:
     return checkpoint.step
+
+
+def _order(checkpoint: Checkpoint) -> tuple[int, int, str]:
+    # By step; a hand-made checkpoint-0200 beside checkpoint-200 comes after it, so that
+    # the name the Trainer wrote wins a tie, and every directory keeps a rank of its own.
+    return checkpoint.step, len(checkpoint.name), checkpoint.name
 
 
 def _step_of(name: str) -> int:

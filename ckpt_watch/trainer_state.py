@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "trainer_state.json"
-# The Trainer writes f"checkpoint-{step}": no sign, no leading zeros, so one name per step.
-CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-([0-9]+)")
 
 # Real states reach a few MB (one log row per step for 100k steps is ~20 MB); anything far
 # beyond that is not a state file, and reading it whole would cost the daemon its memory.

@@ -394,15 +394,10 @@ def test_bad_mode_message_says_what_is_allowed() -> None:
 
 
 def test_directories_that_are_not_checkpoints_do_not_count(tmp_path: Path) -> None:
-    """Staging, merged, best, hidden and zero-padded directories are never checkpoints."""
+    """Staging, merged, best and hidden directories are never checkpoints."""
     run = tmp_path / "run"
     write_run(run, {100: 0.5, 200: 0.25})
-    for name in [
-        "tmp-checkpoint-300",
-        "checkpoint-best",
-        "checkpoint-100-merged",
-        "checkpoint-0200",
-    ]:
+    for name in ["tmp-checkpoint-300", "checkpoint-best", "checkpoint-100-merged"]:
         write_checkpoint(run, 300).rename(run / name)
     write_run(run / ".trash", {50: 0.01})
     write_run(tmp_path / ".hidden-run", {50: 0.01})

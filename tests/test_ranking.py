@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -133,6 +134,22 @@ def test_negative_zero_ties_with_zero() -> None:
     ranking = rank_run([checkpoint(100, 0.0), checkpoint(200, -0.0)], LOSS)
 
     assert ranking.best is not None and ranking.best.name == "checkpoint-100"
+
+
+def test_a_zero_padded_copy_does_not_take_the_place_of_its_original(tmp_path: Path) -> None:
+    """checkpoint-0200 beside checkpoint-200 (same step): each has its own rank, 200 wins."""
+    write_checkpoint(tmp_path, 100, trainer_state(100, {100: {"eval_loss": 0.5}}))
+    write_checkpoint(tmp_path, 200, trainer_state(200, {200: {"eval_loss": 0.25}}))
+    shutil.copytree(tmp_path / "checkpoint-200", tmp_path / "checkpoint-0200")
+
+    ranking = rank_run(read_all(tmp_path), LOSS)
+
+    assert [(e.name, e.rank) for e in ranking.entries] == [
+        ("checkpoint-100", 3),
+        ("checkpoint-200", 1),
+        ("checkpoint-0200", 2),
+    ]
+    assert ranking.best is not None and ranking.best.name == "checkpoint-200"
 
 
 def test_unevaluated_and_broken_checkpoints_are_listed_not_ranked() -> None:
