@@ -70,6 +70,14 @@ def test_reads_a_trainer_layout_file(tmp_path: Path) -> None:
     assert checkpoint.size == len(GOOD)
 
 
+def test_files_written_the_trainer_way_take_the_fast_path() -> None:
+    """The test factories write the Trainer's layout, so tests exercise the byte search."""
+    fast = ts._parse_trainer_layout(GOOD.encode())
+
+    assert GOOD.startswith('{\n  "best_metric": null,\n')
+    assert fast is not None and fast == full_parse(GOOD.encode())
+
+
 def test_nan_and_infinity_tokens_are_read(tmp_path: Path) -> None:
     """Bare NaN and Infinity tokens (the Trainer's json.dumps default) are read as floats."""
     evals = {100: {"eval_loss": math.nan}, 200: {"eval_loss": math.inf}, 300: {"eval_x": -math.inf}}
