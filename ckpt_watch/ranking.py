@@ -42,7 +42,7 @@ def resolve_metric(name: str = "eval_loss", mode: str | None = None) -> Metric:
     lower-is-better, every other name higher-is-better.
     """
     name = name.strip()
-    if not name or not name.isprintable():  # any other key compute_metrics returns is fine
+    if not re.fullmatch(r"\S+", name) or not name.isprintable():  # cosine_ndcg@10 is fine
         raise MetricError(f"metric name {name!r} is not a logged metric name")
     if not name.startswith("eval_"):
         name = f"eval_{name}"

@@ -62,7 +62,6 @@ def ranks(ranking: RunRanking) -> dict[str, int | None]:
         ("rewards/chosen", None, Metric("eval_rewards/chosen", "max")),
         ("lossy_f1", None, Metric("eval_lossy_f1", "max")),
         ("eval_dim_768_cosine_ndcg@10", None, Metric("eval_dim_768_cosine_ndcg@10", "max")),
-        ("exact match", None, Metric("eval_exact match", "max")),
     ],
 )
 def test_resolve_metric(name: str, mode: str | None, expected: Metric) -> None:
@@ -72,7 +71,15 @@ def test_resolve_metric(name: str, mode: str | None, expected: Metric) -> None:
 
 @pytest.mark.parametrize(
     ("name", "mode"),
-    [("eval_loss", "lowest"), ("eval_loss", "MIN"), ("", None), (" ", None), ("a\nb", None)],
+    [
+        ("eval_loss", "lowest"),
+        ("eval_loss", "MIN"),
+        ("", None),
+        (" ", None),
+        ("a\nb", None),
+        ("a b", None),
+        ("a\x00", None),
+    ],
 )
 def test_resolve_metric_refuses(name: str, mode: str | None) -> None:
     """A mode other than min/max, or a name no Trainer logs, is refused with MetricError."""
