@@ -29,8 +29,7 @@ def check_path(path: Path, metric: Metric) -> Iterator[RunReport]:
 
     Raises NothingToCheckError before yielding anything when there is nothing to rank.
     """
-    runs = runs_under(path)
-    return (_report(run, path, metric) for run in runs)
+    return _reports(runs_under(path), path, metric)
 
 
 def runs_under(path: Path) -> list[RunDir]:
@@ -65,6 +64,9 @@ def relative_name(path: Path, root: Path) -> str:
     return name or "."
 
 
-def _report(run: RunDir, root: Path, metric: Metric) -> RunReport:
-    ranking = rank_run(read_run(run), metric)
-    return RunReport(relative_name(run.path, root), run.path, ranking)
+def _reports(runs: list[RunDir], root: Path, metric: Metric) -> Iterator[RunReport]:
+    for run in runs:
+        checkpoints = read_run(run)
+        if checkpoints:  # else the whole run was deleted after the scan
+            ranking = rank_run(checkpoints, metric)
+            yield RunReport(relative_name(run.path, root), run.path, ranking)

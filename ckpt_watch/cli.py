@@ -152,6 +152,13 @@ def terminal_style(stream: object) -> Style:
     return style
 
 
+def any_path_through(stream: object) -> None:
+    """Print a path that is not valid UTF-8 as its own bytes, as ls does, not as a traceback."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ckpt-watch {__version__}")
@@ -184,6 +191,7 @@ def check(
     if as_json:
         write_json(reports, sys.stdout)
     else:
+        any_path_through(sys.stdout)
         write_text(reports, sys.stdout, terminal_style(sys.stdout))
 
 

@@ -42,7 +42,7 @@ def resolve_metric(name: str = "eval_loss", mode: str | None = None) -> Metric:
     lower-is-better, every other name higher-is-better.
     """
     name = name.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_./-]+", name):
+    if not re.fullmatch(r"\S+", name) or not name.isprintable():  # cosine_ndcg@10 is fine
         raise MetricError(f"metric name {name!r} is not a logged metric name")
     if not name.startswith("eval_"):
         name = f"eval_{name}"
@@ -97,15 +97,24 @@ class RunRanking:
     def _why(self, trainer: TrainerBest) -> str:
         if not trainer.on_disk:
             return f"{trainer.name} is no longer on disk"
+        theirs = next((e for e in self.entries if e.name == trainer.name), None)
+        if theirs is not None and theirs.checkpoint.error:
+            return f"{trainer.name} is listed with an error, so not ranked"
         newest = max((e.checkpoint for e in self.entries if e.checkpoint.state), key=_step)
         logged = newest.state.evals.get(_step_of(trainer.name), {}) if newest.state else {}
         if trainer.metric is not None:
             for key, value in sorted(logged.items()):
                 if value == trainer.metric and key != self.metric.name:
                     return f"the Trainer ranked by {key}, not {self.metric.name}"
-            if logged.get(self.metric.name) == trainer.metric:
+            ours = self.best.value if self.best else None
+            worse = ours is not None and self.metric.is_better(ours, trainer.metric)
+            if logged.get(self.metric.name) == trainer.metric and worse:
                 opposite = "higher" if self.metric.mode == "min" else "lower"
                 return f"the Trainer took {opposite} {self.metric.name} as better"
+        if theirs is not None and theirs.value is None:
+            return f"{trainer.name} has no {self.metric.name} at its own step"
+        if theirs is not None and not math.isfinite(theirs.value or 0.0):
+            return f"the {self.metric.name} of {trainer.name} is not a finite number"
         if self.best is not None and self.best.checkpoint.step > trainer.as_of_step:
             return f"the Trainer's record is as of step {trainer.as_of_step}"
         return "the Trainer ranked by a metric or rule that its state file does not name"
@@ -115,24 +124,25 @@ def rank_run(checkpoints: Sequence[Checkpoint], metric: Metric) -> RunRanking:
     """Rank checkpoints of one run directory by ``metric``.
 
     The value of checkpoint N is the evaluation at step N in its own state file, else in
-    the newest sibling that continues the same training (same history); checkpoints
+    the nearest newer sibling that continues the same training (same history); checkpoints
     without one are listed but not ranked. NaN and infinities rank last and are never
     best; ties go to the earlier step.
     """
-    ordered = sorted(checkpoints, key=_step)
-    values = {c.step: _own_value(c, metric) for c in ordered}
-    lenders: dict[int, str | None] = {c.step: None for c in ordered}
-    for older in ordered:
-        if values[older.step] is None and older.state is not None:
-            lent = _lent_value(older, ordered, metric)
-            if lent is not None:
-                values[older.step], lenders[older.step] = lent
+    ordered = sorted(checkpoints, key=_order)
+    values = {c.path: _own_value(c, metric) for c in ordered}
+    lenders: dict[Path, str | None] = {c.path: None for c in ordered}
+    unvalued = [c for c in ordered if values[c.path] is None and c.state is not None]
+    logged_by = _logged_by({c.step for c in unvalued}, ordered, metric)
+    for older in unvalued:
+        lent = _lent_value(older, logged_by.get(older.step, []), metric)
+        if lent is not None:
+            values[older.path], lenders[older.path] = lent
 
-    valued = [c for c in ordered if values[c.step] is not None]
-    valued.sort(key=lambda c: _sort_key(values[c.step], c.step, metric))  # type: ignore[arg-type]
-    ranks = {c.step: place for place, c in enumerate(valued, start=1)}
+    valued = [c for c in ordered if values[c.path] is not None]
+    valued.sort(key=lambda c: _sort_key(values[c.path], c.step, metric))  # type: ignore[arg-type]
+    ranks = {c.path: place for place, c in enumerate(valued, start=1)}
 
-    entries = tuple(Ranked(c, values[c.step], ranks.get(c.step), lenders[c.step]) for c in ordered)
+    entries = tuple(Ranked(c, values[c.path], ranks.get(c.path), lenders[c.path]) for c in ordered)
     best = next((e for e in entries if e.rank == 1), None)
     if best is not None and not math.isfinite(best.value):  # type: ignore[arg-type]
         best = None
@@ -141,6 +151,12 @@ def rank_run(checkpoints: Sequence[Checkpoint], metric: Metric) -> RunRanking:
 
 def _step(checkpoint: Checkpoint) -> int:
     return checkpoint.step
+
+
+def _order(checkpoint: Checkpoint) -> tuple[int, int, str]:
+    # By step; a hand-made checkpoint-0200 beside checkpoint-200 comes after it, so that
+    # the name the Trainer wrote wins a tie, and every directory keeps a rank of its own.
+    return checkpoint.step, len(checkpoint.name), checkpoint.name
 
 
 def _step_of(name: str) -> int:
@@ -157,16 +173,30 @@ def _sort_key(value: float, step: int, metric: Metric) -> tuple[int, float, int]
     return (0, value if metric.mode == "min" else -value, step)
 
 
+def _logged_by(
+    steps: set[int], ordered: Sequence[Checkpoint], metric: Metric
+) -> dict[int, list[Checkpoint]]:
+    """For each of ``steps``, the checkpoints (in step order) whose file logged ``metric`` there.
+
+    Each file is looked up only at the steps it and ``steps`` share, so that a run of
+    thousands of checkpoints, none evaluated, is not compared pair by pair.
+    """
+    found: dict[int, list[Checkpoint]] = {}
+    for checkpoint in ordered:
+        evals = checkpoint.state.evals if checkpoint.state else {}
+        for step in evals.keys() & steps:
+            if metric.name in evals[step]:
+                found.setdefault(step, []).append(checkpoint)
+    return found
+
+
 def _lent_value(
-    older: Checkpoint, ordered: Sequence[Checkpoint], metric: Metric
+    older: Checkpoint, loggers: Sequence[Checkpoint], metric: Metric
 ) -> tuple[float, str] | None:
     """The value logged at ``older``'s step by a newer sibling of the same training."""
-    for newer in ordered:
-        if newer.step <= older.step or newer.state is None:
-            continue
-        value = newer.state.evals.get(older.step, {}).get(metric.name)
-        if value is not None and continues(older, newer):
-            return value, newer.name
+    for newer in loggers:
+        if newer.step > older.step and newer.state and continues(older, newer):
+            return newer.state.evals[older.step][metric.name], newer.name
     return None
 
 
@@ -209,5 +239,7 @@ def _trainer_best(ordered: Sequence[Checkpoint]) -> TrainerBest | None:
     if newest is None or newest.state is None or not newest.state.best_model_checkpoint:
         return None
     name = last_component(newest.state.best_model_checkpoint)
+    if not name:  # "/" names no directory
+        return None
     on_disk = (newest.path.parent / name).is_dir()
     return TrainerBest(name, newest.state.best_metric, on_disk, newest.step)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ MAX_STATE_BYTES = 64 * 1024 * 1024
 # The Trainer writes json.dumps(state, indent=2, sort_keys=True). In that layout the top-level
 # keys sit at two spaces, log rows open and close at four, and JSON strings never hold a raw
 # newline, so these markers cannot occur anywhere else.
-_LOG_OPEN = b'\n  "log_history": ['
+_LOG_NAME = b'"log_history"'
+_LOG_OPEN = b"\n  " + _LOG_NAME + b": ["
 _LOG_CLOSE = b"\n  ]"
 _ROW_OPEN = b"\n    {"
 _ROW_CLOSE = b"\n    }"
@@ -127,10 +129,14 @@ def read_checkpoint(path: Path, *, max_bytes: int = MAX_STATE_BYTES) -> Checkpoi
 
 def _read_bytes(file: Path, max_bytes: int) -> tuple[bytes, int, int]:
     try:
-        with open(file, "rb") as handle:
+        with open(file, "rb", opener=_open_nonblocking) as handle:
             info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a pipe or a device (/dev/zero) never ends
+                raise StateError(f"{STATE_FILE} is not a regular file")
             if info.st_size > max_bytes:
-                raise StateError(f"{STATE_FILE} is {info.st_size} bytes, over the {max_bytes} cap")
+                raise StateError(
+                    f"{STATE_FILE} is {info.st_size} bytes, over the {max_bytes} byte cap"
+                )
             # Ask for the size fstat saw, not the cap: a read allocates all it is asked for.
             data = handle.read(info.st_size + 1)
             if len(data) > info.st_size:  # it grew since fstat; read on up to the cap
@@ -145,6 +151,12 @@ def _read_bytes(file: Path, max_bytes: int) -> tuple[bytes, int, int]:
     if len(data) > max_bytes:
         raise StateError(f"{STATE_FILE} grew past the {max_bytes} byte cap while being read")
     return data, len(data), info.st_mtime_ns
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # Opening a named pipe waits for a writer, maybe forever; this returns at once, so that
+    # the check for a regular file comes first. Regular files ignore O_NONBLOCK.
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def parse_state(data: bytes) -> TrainerState:
@@ -167,6 +179,8 @@ def parse_state(data: bytes) -> TrainerState:
         raise StateError(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from exc
+    except ValueError as exc:  # an integer longer than int() accepts
+        raise StateError(f"unreadable number: {str(exc).split(':')[0]}") from exc
     except RecursionError as exc:
         raise StateError("JSON nested too deeply") from exc
     if not isinstance(document, dict):
@@ -189,6 +203,10 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
     if opening < 0:
         return None
     body = opening + len(_LOG_OPEN)
+    # A repeated key (json.loads keeps the last) or a NUL block left by a crash (never valid
+    # JSON) could sit in rows that are never decoded here: let the full parse judge those.
+    if data.find(_LOG_NAME, body) >= 0 or data.find(b"\0", body) >= 0:
+        return None
     if data.startswith(b"],", body) or data.startswith(b"]\n", body):
         return _outer_with_rows(data[:opening], data[body + 1 :], [])
 
@@ -213,7 +231,7 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
         cursor = end
     try:
         rows = json.loads(b"[" + b",".join(wanted) + b"]")
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
 
     return _outer_with_rows(data[:opening], data[closing + len(_LOG_CLOSE) :], rows)
@@ -236,7 +254,7 @@ def _find_eval_key(data: bytes, start: int, end: int) -> int:
 def _outer_with_rows(head: bytes, tail: bytes, rows: list[Any]) -> TrainerState | None:
     try:
         document = json.loads(head + b'\n  "log_history": []' + tail)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
     if not isinstance(document, dict):
         return None
@@ -250,9 +268,9 @@ def _build_state(document: dict[str, Any], rows: list[Any]) -> TrainerState:
         if not isinstance(row, dict):
             continue
         step = _as_int(row.get("step"))
-        metrics = {k: v for k, v in row.items() if k.startswith("eval_") and _is_number(v)}
+        metrics = {k: _float(v) for k, v in row.items() if k.startswith("eval_") and _is_number(v)}
         if step is not None and metrics:
-            evals.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+            evals.setdefault(step, {}).update(metrics)
 
     best_checkpoint = document.get("best_model_checkpoint")
     return TrainerState(
@@ -277,7 +295,14 @@ def _is_number(value: object) -> bool:
 
 
 def _as_float(value: object) -> float | None:
-    return float(value) if _is_number(value) else None  # type: ignore[arg-type]
+    return _float(value) if _is_number(value) else None  # type: ignore[arg-type]
+
+
+def _float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float is, for ranking, infinite
+        return math.inf if value > 0 else -math.inf
 
 
 def _as_int(value: object) -> int | None:

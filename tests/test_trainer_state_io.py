@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from factories import dumps, trainer_state, write_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,14 +15,15 @@ from hypothesis import strategies as st
 from ckpt_watch.trainer_state import _find_eval_key, parse_state, read_checkpoint
 
 
-def _feed_fifo(fifo: Path, content: bytes) -> threading.Thread:
-    def write() -> None:
-        with open(fifo, "wb") as handle:
-            handle.write(content)
+def _fstat_reporting(size: int) -> Callable[[int], os.stat_result]:
+    """os.fstat as a file system that reports ``size`` whatever the file holds (procfs, FUSE)."""
+    real = os.fstat
 
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    return writer
+    def fstat(fd: int) -> os.stat_result:
+        info = real(fd)
+        return os.stat_result((*info[:6], size, *info[7:10]), {"st_mtime_ns": info.st_mtime_ns})
+
+    return fstat
 
 
 def test_reading_a_small_state_allocates_about_its_size(tmp_path: Path) -> None:
@@ -42,33 +44,31 @@ def test_reading_a_small_state_allocates_about_its_size(tmp_path: Path) -> None:
     assert peak < 3 * size
 
 
-def test_a_state_whose_size_fstat_cannot_tell_is_read_whole(tmp_path: Path) -> None:
-    """A file that reports size 0 but holds a state (a pipe here) is read to its end."""
-    checkpoint = tmp_path / "checkpoint-300"
-    checkpoint.mkdir()
-    fifo = checkpoint / "trainer_state.json"
-    os.mkfifo(fifo)
-    content = dumps(trainer_state(300, {300: {"eval_loss": 0.25}})).encode()
-    writer = _feed_fifo(fifo, content)
+def test_a_state_whose_size_fstat_cannot_tell_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that reports size 0 but holds a state is read to its end."""
+    state = trainer_state(300, {300: {"eval_loss": 0.25}})
+    checkpoint = write_checkpoint(tmp_path, 300, state)
+    monkeypatch.setattr(os, "fstat", _fstat_reporting(0))
 
     read = read_checkpoint(checkpoint)
-    writer.join(timeout=10)
 
     assert read.error is None
-    assert read.size == len(content)
+    assert read.size == len(dumps(state))
     assert read.own_metrics == {"eval_loss": 0.25}
 
 
-def test_a_state_that_grows_past_the_cap_while_read_is_refused(tmp_path: Path) -> None:
+def test_a_state_that_grows_past_the_cap_while_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Bytes beyond the cap that appear after fstat give the cap error, not a partial parse."""
     checkpoint = tmp_path / "checkpoint-10"
     checkpoint.mkdir()
-    fifo = checkpoint / "trainer_state.json"
-    os.mkfifo(fifo)
-    writer = _feed_fifo(fifo, b" " * 5000)
+    (checkpoint / "trainer_state.json").write_bytes(b" " * 5000)
+    monkeypatch.setattr(os, "fstat", _fstat_reporting(10))
 
     read = read_checkpoint(checkpoint, max_bytes=1000)
-    writer.join(timeout=10)
 
     assert read.state is None
     assert read.error == "trainer_state.json grew past the 1000 byte cap while being read"
