@@ -115,8 +115,6 @@ class RunRanking:
             return f"{trainer.name} has no {self.metric.name} at its own step"
         if theirs is not None and not math.isfinite(theirs.value or 0.0):
             return f"the {self.metric.name} of {trainer.name} is not a finite number"
-        if self.best is not None and self.best.checkpoint.step > trainer.as_of_step:
-            return f"the Trainer's record is as of step {trainer.as_of_step}"
         return "the Trainer ranked by a metric or rule that its state file does not name"
 
 

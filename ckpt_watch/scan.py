@@ -42,10 +42,10 @@ def find_runs(root: Path) -> list[RunDir]:
     a checkpoint that is itself a link is listed and marked. Checkpoint internals (weights,
     DeepSpeed shards) are never entered.
     """
-    step = checkpoint_step(root.name)
-    if step is not None and root.is_dir():
+    whole = Path(os.path.abspath(root))  # names "." inside a checkpoint too
+    if checkpoint_step(whole.name) is not None and root.is_dir():
         # Pointed at one checkpoint: that checkpoint's run is what the user means.
-        return [r for r in [list_run(root.parent)] if r.checkpoints]
+        return [r for r in [list_run(whole.parent)] if r.checkpoints]
     return sorted(_walk(root), key=lambda run: run.path)
 
 

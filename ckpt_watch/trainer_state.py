@@ -198,6 +198,9 @@ def _parse_trainer_layout(data: bytes) -> TrainerState | None:
     Long runs log thousands of training rows and a few dozen evaluation rows; only the
     latter matter, and finding them is a byte search. Returns None whenever the layout is
     not exactly the Trainer's, so that the caller falls back to a full parse.
+
+    Known limit: bytes inside a training-only row are never decoded, so damage confined to
+    such a row is not reported; reporting it would cost the full parse this path avoids.
     """
     opening = data.find(_LOG_OPEN)
     if opening < 0:

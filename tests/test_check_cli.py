@@ -548,3 +548,20 @@ def test_metric_names_with_any_characters_the_trainer_logs(tmp_path: Path) -> No
 
     assert result.exit_code == 0, result.stderr
     assert strict_json(result.stdout)["runs"][0]["best"] == "checkpoint-200"
+
+
+def test_check_dot_inside_a_checkpoint_reports_its_run(tmp_path: Path) -> None:
+    """``check .`` from inside a checkpoint directory reports the run that holds it."""
+    write_run(tmp_path / "run", {100: 0.5, 200: 0.4})
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ckpt_watch", "check", ".", "--json"],
+        cwd=tmp_path / "run" / "checkpoint-100",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads(done.stdout)["runs"]
+    assert run["best"] == "checkpoint-200" and len(run["checkpoints"]) == 2
