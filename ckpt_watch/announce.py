@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from ckpt_watch.history import number
+from ckpt_watch.report import format_value
 
 Kind = Literal["new_best", "finished", "stalled", "nonfinite", "test"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
@@ -158,17 +159,6 @@ def body(a: Announcement) -> str:
     if resume and a.kind in ("new_best", "finished"):
         lines += ["", "Resume from it:", "", f"    {resume}"]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def format_value(value: float | None) -> str:
-    """A metric value with six significant digits; NaN and infinities by name."""
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return format(value, ".6g")
 
 
 def format_change(value: float | None, previous: float | None) -> str:

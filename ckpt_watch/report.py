@@ -30,6 +30,7 @@ def json_number(value: float | None) -> float | str | None:
 
 
 def format_value(value: float | None) -> str:
+    """A metric value with six significant digits; NaN and infinities by name."""
     if value is None:
         return "-"
     if math.isnan(value):
