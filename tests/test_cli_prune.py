@@ -9,7 +9,7 @@ import pytest
 from factories import write_run
 from typer.testing import CliRunner
 
-from ckpt_watch import cli
+from ckpt_watch import cli, cli_prune
 from ckpt_watch.history import replay
 
 runner = CliRunner()
@@ -90,7 +90,7 @@ def test_anything_but_yes_at_the_prompt_prunes_nothing(
     models: Path, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
     """At a terminal, the default answer is no."""
-    monkeypatch.setattr(cli, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(cli_prune, "stdin_is_tty", lambda: True)
     before = tree(models)
 
     result = runner.invoke(cli.app, ["prune", str(models), "--keep", "1"], input=answer)
@@ -105,7 +105,7 @@ def test_yes_at_the_prompt_prunes_and_records_in_the_roots_history(
     models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Confirmed, the plan is applied and recorded in ROOT/.ckpt-watch/history.jsonl."""
-    monkeypatch.setattr(cli, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(cli_prune, "stdin_is_tty", lambda: True)
 
     result = runner.invoke(cli.app, ["prune", str(models), "--keep", "1"], input="y\n")
 
