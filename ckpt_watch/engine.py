@@ -201,7 +201,8 @@ class Engine:
         self._announce_if_better(track)
         self._check_finished(track)
         if self.keeper is not None and (fresh or gone or self.baseline_scan):
-            for name in self.keeper.tidy(track.path, track.as_checkpoints(self.metric)):
+            live, earlier = track.as_checkpoints(self.metric), track.earlier()
+            for name in self.keeper.tidy(track.path, live, earlier):
                 track.known.pop(name, None)  # recorded as pruned, not as removed
         self.history.sync()
         # A run whose directory is gone stays tracked: if a training starts there again,

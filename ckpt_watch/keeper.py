@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ckpt_watch.prune import Pruner
@@ -34,13 +34,17 @@ class Keeper:
         self.pruner = pruner
         self.grace = grace
 
-    def tidy(self, run_path: Path, checkpoints: Sequence[Checkpoint]) -> list[str]:
+    def tidy(
+        self, run_path: Path, checkpoints: Sequence[Checkpoint], earlier: Iterable[str] = ()
+    ) -> list[str]:
         """Apply the rules to one run; returns the names of the checkpoints let go.
 
-        ``checkpoints`` is what the engine knows of the run, unreadable ones included
-        (they carry an error and are always kept).
+        ``checkpoints`` is what the engine knows of the live training, unreadable ones
+        included (they carry an error and are always kept); ``earlier`` names checkpoints
+        of an earlier training in the same directory, which are kept and not ranked.
         """
         ranking = rank_run(checkpoints, self.metric)
+        hold = dict.fromkeys(earlier, "from an earlier training in this directory")
         plan = plan_run(
             list_run(run_path),
             ranking,
@@ -48,6 +52,7 @@ class Keeper:
             root=self.root,
             now=time.time(),
             grace=self.grace,
+            hold=hold,
         )
         if all(decision.action == "keep" for decision in plan):
             return []

@@ -48,6 +48,17 @@ def filesystem_type(path: Path, mountinfo: Path = MOUNTINFO) -> str | None:
     return best[1] if best else None
 
 
+def mounts_below(path: Path, mountinfo: Path = MOUNTINFO) -> list[str]:
+    """Mount points strictly inside ``path`` (bind mounts of the same filesystem included)."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return []
+    prefix = os.path.realpath(path).rstrip("/") + "/"
+    points = (_parse(line)[0] for line in lines)
+    return sorted(point for point in points if point and point.startswith(prefix))
+
+
 def is_network_filesystem(fstype: str | None) -> bool:
     """Network and FUSE filesystems, where inotify cannot be trusted."""
     if fstype is None:

@@ -19,6 +19,7 @@ from typing import Literal
 
 from ckpt_watch.check import relative_name
 from ckpt_watch.history import HistoryError
+from ckpt_watch.mounts import mounts_below
 from ckpt_watch.ranking import Metric
 from ckpt_watch.retention import (
     PIN_FILE,
@@ -229,6 +230,9 @@ def recheck(decision: Decision, plan: Sequence[Decision], root: Path) -> str | N
         return problem
     if os.path.lexists(path / PIN_FILE):
         return f"pinned by a {PIN_FILE} file since the plan"
+    mount = mount_inside(path)
+    if mount is not None:
+        return f"{mount} inside it is another filesystem"
     if decision.stamp is None or _stamp(path) != decision.stamp:
         return f"{STATE_FILE} changed since the plan"
     for other in plan:
@@ -247,6 +251,30 @@ def recheck(decision: Decision, plan: Sequence[Decision], root: Path) -> str | N
         if named is not None and last_component(named) == decision.name:
             return f"{checkpoint.path.name} names it the Trainer's best"
         break
+    return None
+
+
+def mount_inside(checkpoint: Path) -> Path | None:
+    """A mount point below ``checkpoint``, if there is one.
+
+    Deleting would reach into that filesystem, which is not the checkpoint's to give up.
+    Bind mounts of the same filesystem share its device number, so the mount table is read.
+    """
+    points = mounts_below(checkpoint)
+    if points:
+        return Path(points[0])
+    try:
+        device = os.lstat(checkpoint).st_dev
+    except OSError:
+        return None
+    for top, dirs, _files in os.walk(checkpoint, onerror=lambda _error: None):
+        for name in dirs:
+            inner = Path(top) / name
+            try:
+                if os.lstat(inner).st_dev != device:
+                    return inner
+            except OSError:
+                continue
     return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -13,7 +13,7 @@ from typing import Literal
 from ckpt_watch.check import read_run, relative_name, runs_under
 from ckpt_watch.ranking import Metric, Ranked, RunRanking, rank_run
 from ckpt_watch.scan import CheckpointDir, RunDir
-from ckpt_watch.trainer_state import STATE_FILE, checkpoint_step
+from ckpt_watch.trainer_state import STATE_FILE, Checkpoint, checkpoint_step
 
 Action = Literal["keep", "delete", "strip"]
 
@@ -105,8 +105,12 @@ def plan_run(
     root: Path,
     now: float,
     grace: float = DEFAULT_GRACE,
+    hold: Mapping[str, str] | None = None,
 ) -> list[Decision]:
     """Decide for every checkpoint of one run, in step order.
+
+    ``hold`` names checkpoints to keep whatever the rules say, with the reason (those of
+    an earlier training in the same directory, which the ranking does not cover).
 
     Never lets go of the best, the newest complete checkpoint, the Trainer's own best, a
     pinned or unreadable checkpoint, or anything but a real ``checkpoint-<int>`` directory
@@ -120,7 +124,11 @@ def plan_run(
         **{n: c.step for n, c in listed.items()},
     }
     names = sorted(steps, key=lambda name: (steps[name], name))
-    held = {n: _held(listed.get(n), ranked.get(n), run.path, root, now, grace) for n in names}
+    hold = hold or {}
+    held = {
+        n: hold.get(n) or _held(listed.get(n), ranked.get(n), run.path, root, now, grace)
+        for n in names
+    }
     usable = [ranked[n] for n in names if held[n] is None]
     kept = _kept(usable, ranking, rules)
 
@@ -158,9 +166,39 @@ def plan_tree(
         raise RetentionError(f"{root}: this is a checkpoint; give the run directory holding it")
     decisions: list[Decision] = []
     for run in runs_under(root):
-        ranking = rank_run(read_run(run), metric)
-        decisions += plan_run(run, ranking, rules, root=root, now=now, grace=grace)
+        checkpoints = read_run(run)
+        hold = earlier_trainings(checkpoints)
+        current = [c for c in checkpoints if c.name not in hold]
+        ranking = rank_run(current, metric)
+        decisions += plan_run(run, ranking, rules, root=root, now=now, grace=grace, hold=hold)
     return decisions
+
+
+def earlier_trainings(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+    """Checkpoints left by another training than the one that saved last, with the reason.
+
+    A training started again in the same directory writes its own first log row (or
+    another ``max_steps``); ranking it together with the old one would let the old one's
+    checkpoints crowd out the live training's best and newest. They are kept, untouched.
+    """
+    readable = [c for c in checkpoints if c.state is not None]
+    if not readable:
+        return {}
+    live = max(readable, key=lambda c: (c.mtime_ns, c.step)).state
+    assert live is not None
+    held = {}
+    for checkpoint in readable:
+        state = checkpoint.state
+        assert state is not None
+        other_rows = None not in (state.first_row, live.first_row) and (
+            state.first_row != live.first_row
+        )
+        other_steps = None not in (state.max_steps, live.max_steps) and (
+            state.max_steps != live.max_steps
+        )
+        if other_rows or other_steps:
+            held[checkpoint.name] = "from another training in this directory"
+    return held
 
 
 def agree(confirmed: Sequence[Decision], fresh: Sequence[Decision]) -> list[Decision]:

@@ -181,8 +181,13 @@ class RunTrack:
         self.saved_at[known.name] = known.mtime_ns
 
     def as_checkpoints(self, metric: Metric) -> list[Checkpoint]:
-        """What is known, as checkpoints ranking and retention take; unread ones with an error."""
-        found = [known.as_checkpoint(self.path, metric) for known in self.known.values()]
+        """The live training's checkpoints as ranking and retention take them; unread ones
+        (not yet of any training) with an error."""
+        found = [
+            known.as_checkpoint(self.path, metric)
+            for known in self.known.values()
+            if known.incarnation == self.incarnation
+        ]
         found += [
             Checkpoint(
                 self.path / name, int(name.rsplit("-", 1)[1]), error="state not readable yet"
@@ -190,6 +195,10 @@ class RunTrack:
             for name in self.pending
         ]
         return found
+
+    def earlier(self) -> list[str]:
+        """Checkpoints still on disk from an earlier training in this directory."""
+        return [k.name for k in self.known.values() if k.incarnation != self.incarnation]
 
     def best_seen(self, metric: Metric) -> tuple[str, int, float] | None:
         """The best value this incarnation has reached; ties go to the earlier step."""

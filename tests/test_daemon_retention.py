@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import wait_until
 from factories import trainer_state, write_checkpoint, write_run
 
@@ -25,7 +26,9 @@ def save(run: Path, values: dict[int, float], step: int) -> None:
 
 
 def on_disk(run: Path) -> list[str]:
-    return sorted((p.name for p in run.iterdir()), key=lambda n: (len(n), n))
+    """Everything in the run but the history directory, in step order."""
+    names = (p.name for p in run.iterdir() if p.name != ".ckpt-watch")
+    return sorted(names, key=lambda n: (len(n), n))
 
 
 def kinds(path: Path) -> list[object]:
@@ -148,3 +151,80 @@ def test_prune_refuses_a_tree_a_daemon_watches(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert f"pid {daemon.pid}" in done.stderr and "is watching" in done.stderr
     assert on_disk(root / "run") == ["checkpoint-100", "checkpoint-200"]
+
+
+def test_a_training_started_again_in_the_directory_keeps_its_checkpoints(tmp_path: Path) -> None:
+    """The old training's checkpoints never crowd out the live training's best and newest."""
+    run = tmp_path / "run"
+    engine, pruner, _ = engine_with_keep(tmp_path, keep=2)
+    old = {100: 0.5, 200: 0.4, 300: 0.3}
+    for step in old:
+        save(run, old, step)
+        engine.refresh(run)
+
+    restarted = {20: 0.9, 40: 0.8, 60: 0.85}
+    for step in restarted:
+        evals = {at: {"eval_loss": v} for at, v in restarted.items() if at <= step}
+        write_checkpoint(run, step, trainer_state(step, evals, train_loss=3.0))
+        engine.refresh(run)
+    assert pruner.close(10)
+
+    live = {"checkpoint-40", "checkpoint-60"}
+    assert live <= set(on_disk(run))
+    assert {"checkpoint-200", "checkpoint-300"} <= set(on_disk(run))
+
+
+def test_prune_keeps_the_live_training_of_a_restarted_run(tmp_path: Path) -> None:
+    """prune ranks only the training that saved last; an older one in the directory stays."""
+    run = tmp_path / "models" / "run"
+    write_run(run, {100: 0.5, 200: 0.4, 300: 0.3})
+    restarted = {20: 0.9, 40: 0.8, 60: 0.85}
+    for step in restarted:
+        evals = {at: {"eval_loss": v} for at, v in restarted.items() if at <= step}
+        write_checkpoint(run, step, trainer_state(step, evals, train_loss=3.0))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ckpt_watch", "prune", str(run), "--keep", "2", "--yes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert on_disk(run) == [
+        "checkpoint-40",
+        "checkpoint-60",
+        "checkpoint-100",
+        "checkpoint-200",
+        "checkpoint-300",
+    ]
+
+
+def test_prune_never_reaches_into_a_mount_inside_a_checkpoint(tmp_path: Path) -> None:
+    """A filesystem mounted inside a checkpoint keeps that checkpoint, and its files, whole."""
+    run = tmp_path / "models" / "run"
+    write_run(run, {100: 0.5, 200: 0.4, 300: 0.3})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("data")
+    inner = run / "checkpoint-100" / "data"
+    inner.mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", str(outside), str(inner)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ckpt_watch", "prune", str(run), "--keep", "1", "--yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(inner)], check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert (outside / "precious").read_text() == "data"
+    assert "checkpoint-100" in on_disk(run)
+    assert "another filesystem" in done.stdout + done.stderr
