@@ -38,7 +38,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            # exc_text is what the record was made with, secrets already scrubbed from it.
+            line["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(line)
 
 
