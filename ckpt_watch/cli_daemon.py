@@ -42,6 +42,18 @@ RootsArgument = Annotated[
 ]
 
 
+def checked(chosen: Config) -> Config:
+    """The settings, once every root's targets and rules are usable; else ConfigError.
+
+    A reload refuses such settings and keeps the running ones, as for any bad value.
+    """
+    for root in chosen.roots:
+        problem = check_root(root)
+        if problem:
+            raise ConfigError(problem)
+    return chosen
+
+
 def settings(
     config: Path | None,
     roots: list[Path] | None,
@@ -146,16 +158,15 @@ def start(
         "log_level": log_level,
         "log_format": log_format,
     }
-    chosen = settings(config, roots, flags)
-    for root in chosen.roots:
-        problem = check_root(root)
-        if problem:
-            fail(problem, 2)
+    try:
+        chosen = checked(settings(config, roots, flags))
+    except ConfigError as exc:
+        fail(str(exc), 2)
     configure_logging(chosen.log_level, chosen.log_format)
     try:
         serve_many(
             chosen,
-            reload=lambda: load_config(config, flags=flags, roots=roots or ()),
+            reload=lambda: checked(load_config(config, flags=flags, roots=roots or ())),
             on_logging=configure_logging,
         )
     except StartError as exc:

@@ -329,6 +329,25 @@ def test_sighup_with_an_invalid_file_keeps_the_running_settings(
     assert service.stop() == 0
 
 
+def test_sighup_with_an_unusable_target_keeps_the_running_settings(
+    tmp_path: Path, root: Path, services: list[Service], listener: NotifyListener
+) -> None:
+    """A target apprise cannot use is refused at reload like any bad value; nothing restarts."""
+    write_run(root / "run", {100: 0.5})
+    config = write_config(tmp_path / "c.toml", f'[[root]]\npath = "{root}"\n')
+    service = launch(services, listener, ["--config", str(config)])
+    assert listener.wait_for("READY") is not None, service.text()
+
+    write_config(config, f'notify = ["jsn://user:pw@127.0.0.1/p"]\n[[root]]\npath = "{root}"\n')
+    reload(service, listener)
+
+    refusals = [line for line in service.text().splitlines() if "reload refused" in line]
+    assert len(refusals) == 1 and "pw@" not in refusals[0]
+    assert kinds(root).count("started") == 1
+    assert service.proc.poll() is None
+    assert service.stop() == 0
+
+
 def test_sighup_adds_and_removes_roots(
     tmp_path: Path, services: list[Service], listener: NotifyListener
 ) -> None:
