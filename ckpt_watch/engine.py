@@ -92,7 +92,15 @@ class Engine:
             kind = event.get("event")
             if kind == "started" and event.get("metric") == self.metric.name:
                 self.baseline = False
-            elif kind in ("checkpoint", "new_best", "removed", "pruned", "finished", "stalled"):
+            elif kind in (
+                "checkpoint",
+                "new_best",
+                "removed",
+                "pruned",
+                "finished",
+                "stalled",
+                "nonfinite",
+            ):
                 try:
                     self._replay(kind, event)
                 except (ValueError, TypeError) as exc:
@@ -110,18 +118,26 @@ class Engine:
                 track.begin_incarnation(known.incarnation)
             track.adopt(known)
             if event.get("baseline"):
+                # The baseline is what people know already: its best, its ended runs.
                 self._raise_reached(track, known.name, known.value)
-                track.announced = track.reached  # the baseline is what people know already
+                track.announced, track.announced_by = track.reached, track.reached_by
+                track.stalled_after = self._newest_saved(track)
+                if known.max_steps is not None and known.step >= known.max_steps:
+                    track.finished = True
+            elif known.value is not None and math.isfinite(known.value):
+                track.nonfinite_told = False
             return
         track = self._track(run)
         if kind == "new_best":
             self._raise_reached(track, name, number(event.get("value")))
             if "announce" in event:
-                track.announced = number(event.get("value"))
+                track.announced, track.announced_by = number(event.get("value")), name
         elif kind == "finished":
             track.finished = True
         elif kind == "stalled":
             track.stalled_after = name
+        elif kind == "nonfinite":
+            track.nonfinite_told = True
         else:
             track.known.pop(name, None)
 
@@ -275,7 +291,12 @@ class Engine:
         self._lend_values(track, checkpoint)
         track.adopt(known)
         self._record_checkpoint(track, known)
-        if known.value is not None and not math.isfinite(known.value) and not self.baseline:
+        if known.value is None or self.baseline:
+            return
+        if math.isfinite(known.value):
+            track.nonfinite_told = False
+        elif not track.nonfinite_told:  # once, until the metric is finite again
+            track.nonfinite_told = True
             self._news("nonfinite", track, self._about(track, known, known.value))
 
     def _lend_values(self, track: RunTrack, newer: Checkpoint) -> None:
@@ -303,7 +324,7 @@ class Engine:
         previous, previous_value = track.reached_by, track.reached
         track.reached, track.reached_by = value, name
         if self.baseline:
-            track.announced = value
+            track.announced, track.announced_by = value, name
             return
         known = track.known.get(name)
         fields = {
@@ -312,8 +333,9 @@ class Engine:
             "previous_value": previous_value,
         }
         worth = worth_announcing(value, track.announced, self.metric.mode, self.policy.min_delta)
-        if self._news("new_best", track, fields, wanted=worth):
-            track.announced = value
+        told = (track.announced_by, track.announced)
+        if self._news("new_best", track, fields, wanted=worth, told=told):
+            track.announced, track.announced_by = value, name
         log.info(
             "new best run=%s checkpoint=%s %s=%s previous=%s",
             track.name,
@@ -395,7 +417,13 @@ class Engine:
         }
 
     def _news(
-        self, kind: Kind, track: RunTrack, fields: dict[str, Any], *, wanted: bool = True
+        self,
+        kind: Kind,
+        track: RunTrack,
+        fields: dict[str, Any],
+        *,
+        wanted: bool = True,
+        told: tuple[str | None, float | None] | None = None,
     ) -> bool:
         """Record an event; when the policy wants it announced, hand it to delivery too.
 
@@ -410,8 +438,9 @@ class Engine:
                 run=track.name,
                 metric=self.metric.name,
                 value=fields["value"],
-                previous=fields.get("previous"),
-                previous_value=fields.get("previous_value"),
+                # People compare with what they were last told, not with every best.
+                previous=told[0] if told else fields.get("previous"),
+                previous_value=told[1] if told else fields.get("previous_value"),
                 checkpoint=fields["checkpoint"],
                 step=fields["step"],
                 epoch=fields["epoch"],
@@ -419,7 +448,7 @@ class Engine:
                 host=self.policy.host,
                 note=fields.get("note", ""),
             )
-            fields = {**fields, **announcement.fields()}
+            fields = {**announcement.fields(), **fields}  # the history keeps its own previous
         self.history.append(kind, **fields)
         if announcement is not None and self.deliver is not None:
             self.deliver(announcement)

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ckpt_watch.announce import Announcement, body, make_id, title
@@ -123,7 +123,11 @@ class Notifier:
                     self._lock.notify_all()
                 else:
                     self._notes.append((held.announcement.id, a.id))
-                    held.announcement = a
+                    # The message compares with what people were told, not the superseded one.
+                    previous = held.announcement
+                    held.announcement = replace(
+                        a, previous=previous.previous, previous_value=previous.previous_value
+                    )
                     held.targets += [target for target in chosen if target not in held.targets]
                 return
             if held is not None:

@@ -89,8 +89,8 @@ def _run(
 ) -> None:
     engine = Engine(settings.root, settings.metric, history, policy=settings.policy, stop=stop)
     pruner = None
+    recover_trash(settings.root, history.append, stop=stop)  # only our own trash names
     if settings.retention is not None:
-        recover_trash(settings.root, history.append, stop=stop)
         pruner = Pruner(history.append, stop=stop)
         engine.keeper = Keeper(settings.root, settings.metric, settings.retention, pruner)
         log.info("retention on: %s", settings.retention.describe())
@@ -142,6 +142,10 @@ def _start_notifier(
 ) -> Notifier | None:
     """The delivery worker, handed at once whatever an earlier run left undelivered."""
     if not settings.notify:
+        told = [e for e in events if e.get("event") == "notify_targets"]
+        if told and told[-1].get("targets"):
+            # Nobody is told what happens from now on: it must not be owed to anyone later.
+            history.append("notify_targets", targets=[])
         return None
     notifier = Notifier(
         settings.notify,

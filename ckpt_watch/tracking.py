@@ -133,6 +133,8 @@ class RunTrack:
     reached: float | None = None
     reached_by: str | None = None
     announced: float | None = None  # the last new best people were told of
+    announced_by: str | None = None
+    nonfinite_told: bool = False
     finished: bool = False
     stalled_after: str | None = None  # the newest checkpoint when a stall was recorded
     saved_at: dict[str, int] = field(default_factory=dict)  # mtime_ns of each save
@@ -145,6 +147,8 @@ class RunTrack:
         self.reached = None
         self.reached_by = None
         self.announced = None
+        self.announced_by = None
+        self.nonfinite_told = False
         self.finished = False
         self.stalled_after = None
         self.saved_at.clear()

@@ -247,3 +247,77 @@ def test_state_written_is_strict_in_messages(tmp_path: Path, webhook: Webhook) -
     stop(daemon)
 
     assert "NaN" in webhook.requests[0].payload["message"]
+
+
+def test_runs_ended_before_the_first_start_are_never_news(tmp_path: Path) -> None:
+    """A run finished, or stalled, before the very first start is not announced later."""
+    kinds = frozenset({"new_best", "finished", "stalled"})
+    done = tmp_path / "done"
+    write_run(done, {100: 0.5, 200: 0.4}, max_steps=200)
+    cut = tmp_path / "cut"
+    for step in (100, 200, 300):
+        checkpoint = write_checkpoint(cut, step, trainer_state(step, {step: {"eval_loss": 1.0}}))
+        moment = time.time() - 200_000 + step * 60
+        os.utime(checkpoint / "trainer_state.json", (moment, moment))
+    Told(tmp_path, AnnouncePolicy(kinds=kinds)).history.close()
+
+    again = Told(tmp_path, AnnouncePolicy(kinds=kinds))
+    again.engine.check_stalls()
+
+    assert again.said == []
+
+
+def test_nonfinite_is_told_once_until_the_metric_is_finite_again(tmp_path: Path) -> None:
+    """A run stuck at NaN gives one message, not one per checkpoint."""
+    run = tmp_path / "run"
+    told = Told(tmp_path, AnnouncePolicy(kinds=frozenset({"nonfinite"})))
+    values: dict[int, float] = {}
+    for step, value in ((100, float("nan")), (200, float("nan")), (300, 0.5), (400, float("nan"))):
+        values[step] = value
+        write_run(run, values)
+        told.engine.refresh(run)
+
+    assert [a.checkpoint for a in told.said] == ["checkpoint-100", "checkpoint-400"]
+
+
+def test_message_compares_with_the_last_best_people_were_told(tmp_path: Path) -> None:
+    """Below --min-delta nothing is sent; the next message names the last one sent."""
+    run = tmp_path / "run"
+    write_run(run, {100: 0.5})
+    told = Told(tmp_path, AnnouncePolicy(min_delta="0.1"))
+
+    write_run(run, {100: 0.5, 200: 0.45})
+    told.engine.refresh(run)
+    write_run(run, {100: 0.5, 200: 0.45, 300: 0.35})
+    told.engine.refresh(run)
+
+    (said,) = told.said
+    assert (said.checkpoint, said.previous, said.previous_value) == (
+        "checkpoint-300",
+        "checkpoint-100",
+        0.5,
+    )
+    recorded = [e for e in replay(told.path) if e["event"] == "new_best"][-1]
+    assert (recorded["previous"], recorded["previous_value"]) == ("checkpoint-200", 0.45)
+
+
+def test_news_from_a_run_without_targets_is_owed_to_nobody(
+    tmp_path: Path, webhook: Webhook
+) -> None:
+    """What happened while no target was configured is not sent when one is configured again."""
+    root = tmp_path / "models"
+    write_run(root / "run", {100: 0.5})
+    first = start(root, "--notify", webhook.url())
+    assert wait_until(lambda: bool(events(root, "started")))
+    stop(first)
+    quiet = start(root)
+    assert wait_until(lambda: len(events(root, "started")) == 2)
+    write_run(root / "run", {100: 0.5, 200: 0.3})
+    assert wait_until(lambda: bool(events(root, "new_best")))
+    stop(quiet)
+
+    again = start(root, "--notify", webhook.url())
+    assert wait_until(lambda: len(events(root, "started")) == 3)
+    stop(again)
+
+    assert webhook.requests == []
