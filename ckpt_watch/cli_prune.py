@@ -23,7 +23,7 @@ from ckpt_watch.cli_common import (
     terminal_style,
 )
 from ckpt_watch.history import History, HistoryError
-from ckpt_watch.lock import watching_daemon
+from ckpt_watch.lock import daemons_below, watching_daemon
 from ckpt_watch.prune import prune_once
 from ckpt_watch.report import write_outcomes, write_plan_json, write_plan_text
 from ckpt_watch.retention import RetentionError, plan_tree
@@ -68,7 +68,7 @@ def prune(
     let_go = sum(decision.action != "keep" for decision in plan)
     if dry_run or not let_go:
         return
-    daemon = watching_daemon(path)
+    daemon = watching_daemon(path) or daemons_below(path)
     if daemon:
         fail(f"{daemon}; stop it, or let it prune with start --keep")
     if not yes:

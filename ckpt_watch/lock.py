@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from types import TracebackType
 
+from ckpt_watch.scan import is_ignored_dir
+from ckpt_watch.trainer_state import checkpoint_step
+
 STATE_DIR = ".ckpt-watch"
 PID_FILE = "lock"
 
@@ -76,17 +79,53 @@ def holder(root: Path) -> str:
 def watching_daemon(path: Path) -> str | None:
     """A sentence naming the daemon that watches ``path`` or a directory above it, if any."""
     for directory in (path.absolute(), *path.absolute().parents):
+        if _locked(directory):
+            return f"ckpt-watch (pid {holder(directory)}) is watching {directory}"
+    return None
+
+
+def daemons_below(root: Path) -> str | None:
+    """A sentence naming a daemon that watches a directory inside ``root``, if any.
+
+    Found through the pid files daemons leave in their roots; checkpoints, hidden and
+    staging directories are not entered. A read-only root below holds no pid file and is
+    not found.
+    """
+    pending = [root]
+    while pending:
+        directory = pending.pop()
         try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            entries = list(os.scandir(directory))
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return f"ckpt-watch (pid {holder(directory)}) is watching {directory}"
-        finally:
-            os.close(fd)
+        for entry in entries:
+            if entry.name == STATE_DIR and directory != root and _locked(Path(directory)):
+                return f"ckpt-watch (pid {holder(Path(directory))}) is watching {directory}"
+            if _walkable(entry):
+                pending.append(Path(entry.path))
     return None
+
+
+def _walkable(entry: os.DirEntry[str]) -> bool:
+    try:
+        plain = entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+    return plain and checkpoint_step(entry.name) is None and not is_ignored_dir(entry.name)
+
+
+def _locked(directory: Path) -> bool:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _write_pid(root: Path) -> None:

@@ -14,7 +14,7 @@ from types import FrameType
 from ckpt_watch.engine import AnnouncePolicy, Engine
 from ckpt_watch.history import Event, History, HistoryError, replay
 from ckpt_watch.keeper import Keeper
-from ckpt_watch.lock import STATE_DIR, LockedError, RootLock, watching_daemon
+from ckpt_watch.lock import STATE_DIR, LockedError, RootLock, daemons_below, watching_daemon
 from ckpt_watch.notify import Notifier, undelivered
 from ckpt_watch.prune import Pruner, recover_trash
 from ckpt_watch.ranking import Metric
@@ -68,6 +68,9 @@ def serve(
     above = watching_daemon(root.absolute().parent)
     if above:
         raise StartError(f"{above}, which holds {root}")
+    below = daemons_below(root)
+    if below:
+        raise StartError(f"{below}, inside {root}; one daemon per tree")
     stop = stop or threading.Event()
     try:
         with RootLock(root) as lock:

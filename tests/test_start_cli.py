@@ -302,3 +302,23 @@ def test_replaced_root_is_locked_again(tmp_path: Path, procs: list[Process]) -> 
 
     assert done.returncode == 1 and "already watching" in done.stderr
     assert first.stop() == 0
+
+
+def test_root_holding_a_watched_root_is_refused(root: Path, procs: list[Process]) -> None:
+    """A daemon over a tree where another already watches a part would announce twice."""
+    write_run(root / "team" / "run", {100: 0.5, 200: 0.4, 300: 0.6})
+    inner = start(procs, root / "team")
+    assert wait_until(lambda: "started" in kinds(root / "team"))
+
+    done = run_start(str(root), "--history", str(root.parent / "outer.jsonl"))
+    pruned = subprocess.run(
+        [sys.executable, "-m", "ckpt_watch", "prune", str(root), "--keep", "1", "--yes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 1
+    assert f"pid {inner.proc.pid}" in done.stderr and "one daemon per tree" in done.stderr
+    assert pruned.returncode == 1 and "is watching" in pruned.stderr
+    assert inner.stop() == 0
