@@ -129,6 +129,11 @@ def plan_run(
         n: hold.get(n) or _held(listed.get(n), ranked.get(n), run.path, root, now, grace)
         for n in names
     }
+    if ranking.best is None:
+        # Nothing ranks by this metric (a name the run never logged, or NaN only): the real
+        # best cannot be told, so nothing is let go.
+        unranked = f"no finite {ranking.metric.name} in this run: nothing is let go"
+        held = {n: reason or unranked for n, reason in held.items()}
     usable = [ranked[n] for n in names if held[n] is None]
     kept = _kept(usable, ranking, rules)
 

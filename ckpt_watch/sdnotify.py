@@ -7,6 +7,7 @@ import os
 import socket
 import string
 import threading
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,12 @@ class Notifier:
         return self.send("READY=1", *_status(status))
 
     def reloading(self) -> bool:
-        """A reload of the configuration begins; ``ready`` must follow."""
-        return self.send("RELOADING=1")
+        """A reload of the configuration begins; ``ready`` must follow.
+
+        MONOTONIC_USEC goes with it, as systemd 253 and later expect of a reload.
+        """
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={now}")
 
     def status(self, text: str) -> bool:
         """A one-line description of what the daemon is doing."""

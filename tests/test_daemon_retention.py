@@ -228,3 +228,21 @@ def test_prune_never_reaches_into_a_mount_inside_a_checkpoint(tmp_path: Path) ->
     assert (outside / "precious").read_text() == "data"
     assert "checkpoint-100" in on_disk(run)
     assert "another filesystem" in done.stdout + done.stderr
+
+
+def test_a_metric_that_ranks_nothing_lets_nothing_go(tmp_path: Path) -> None:
+    """With a metric the run never logged, the real best cannot be told: nothing is deleted."""
+    run = tmp_path / "models" / "run"
+    write_run(run, {100: 0.5, 200: 0.2, 300: 0.4, 400: 0.6})
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ckpt_watch", "prune", str(run), "--metric", "accuracy"]
+        + ["--keep", "1", "--yes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert on_disk(run) == ["checkpoint-100", "checkpoint-200", "checkpoint-300", "checkpoint-400"]
+    assert "no finite eval_accuracy in this run" in done.stdout
