@@ -235,9 +235,9 @@ def test_a_metric_that_ranks_nothing_lets_nothing_go(tmp_path: Path) -> None:
     run = tmp_path / "models" / "run"
     write_run(run, {100: 0.5, 200: 0.2, 300: 0.4, 400: 0.6})
 
+    command = ["prune", str(run), "--metric", "accuracy", "--keep", "1", "--yes"]
     done = subprocess.run(
-        [sys.executable, "-m", "ckpt_watch", "prune", str(run), "--metric", "accuracy"]
-        + ["--keep", "1", "--yes"],
+        [sys.executable, "-m", "ckpt_watch", *command],
         capture_output=True,
         text=True,
         timeout=60,
