@@ -5,23 +5,19 @@ Plain code with no threads: the watcher decides when to call it, tests call it d
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from ckpt_watch.announce import Announcement, Kind, make_id, worth_announcing
 from ckpt_watch.check import relative_name
 from ckpt_watch.history import Event, History, number
 from ckpt_watch.keeper import Keeper
+from ckpt_watch.news import AnnouncePolicy, Deliver, Herald
 from ckpt_watch.ranking import Metric, shares_history
 from ckpt_watch.scan import CheckpointDir, find_runs, list_run
 from ckpt_watch.tracking import Known, Pending, RunTrack, Summary
@@ -37,20 +33,6 @@ log = logging.getLogger(__name__)
 # A state that still does not parse after this long is a crash mid-save, not a save in
 # progress: say so once.
 INCOMPLETE_GRACE = 30.0
-
-Deliver = Callable[[Announcement], None]
-# No run is called stalled sooner than this, however fast it saved before.
-MIN_STALL_SECONDS = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class AnnouncePolicy:
-    """Which events are news for people, and how small an improvement is not."""
-
-    kinds: frozenset[str] = frozenset({"new_best"})
-    min_delta: str = ""
-    stall_factor: float = 3.0
-    host: str = ""
 
 
 class Engine:
@@ -72,7 +54,7 @@ class Engine:
         self.metric = metric
         self.history = history
         self.policy = policy or AnnouncePolicy()
-        self.deliver = deliver
+        self.herald = Herald(metric, history, self.policy, deliver)
         self.keeper = keeper
         self.stop = stop
         self.clock = clock
@@ -121,7 +103,7 @@ class Engine:
                 # The baseline is what people know already: its best, its ended runs.
                 self._raise_reached(track, known.name, known.value)
                 track.announced, track.announced_by = track.reached, track.reached_by
-                track.stalled_after = self._newest_saved(track)
+                track.stalled_after = track.newest_saved()
                 if known.max_steps is not None and known.step >= known.max_steps:
                     track.finished = True
             elif known.value is not None and math.isfinite(known.value):
@@ -157,7 +139,7 @@ class Engine:
         if self.baseline:
             # Runs that stopped long before the first start are history, not news.
             for track in self.runs.values():
-                track.stalled_after = self._newest_saved(track)
+                track.stalled_after = track.newest_saved()
         self.baseline = False
         return pending
 
@@ -214,8 +196,8 @@ class Engine:
         fresh = [c for c in map(partial(self._read_if_changed, track), entries.values()) if c]
         for checkpoint in sorted(fresh, key=lambda c: c.step):
             self._take(track, checkpoint)
-        self._announce_if_better(track)
-        self._check_finished(track)
+        self.herald.best(track, baseline=self.baseline)
+        self.herald.finished(track, baseline=self.baseline)
         if self.keeper is not None and (fresh or gone or self.baseline_scan):
             live, earlier = track.as_checkpoints(self.metric), track.earlier()
             for name in self.keeper.tidy(track.path, live, earlier):
@@ -291,13 +273,8 @@ class Engine:
         self._lend_values(track, checkpoint)
         track.adopt(known)
         self._record_checkpoint(track, known)
-        if known.value is None or self.baseline:
-            return
-        if math.isfinite(known.value):
-            track.nonfinite_told = False
-        elif not track.nonfinite_told:  # once, until the metric is finite again
-            track.nonfinite_told = True
-            self._news("nonfinite", track, self._about(track, known, known.value))
+        if known.value is not None and not self.baseline:
+            self.herald.nonfinite(track, known)
 
     def _lend_values(self, track: RunTrack, newer: Checkpoint) -> None:
         """Give older checkpoints of this training the evaluation logged after their save."""
@@ -313,146 +290,6 @@ class Engine:
             older.value, older.value_from = value, newer.name
             track.adopt(older)
             self._record_checkpoint(track, older)
-
-    def _announce_if_better(self, track: RunTrack) -> None:
-        best = track.best_seen(self.metric)
-        if best is None:
-            return
-        name, step, value = best
-        if track.reached is not None and not self.metric.is_better(value, track.reached):
-            return
-        previous, previous_value = track.reached_by, track.reached
-        track.reached, track.reached_by = value, name
-        if self.baseline:
-            track.announced, track.announced_by = value, name
-            return
-        known = track.known.get(name)
-        fields = {
-            **self._about(track, known, value, name=name, step=step),
-            "previous": previous,
-            "previous_value": previous_value,
-        }
-        worth = worth_announcing(value, track.announced, self.metric.mode, self.policy.min_delta)
-        told = (track.announced_by, track.announced)
-        if self._news("new_best", track, fields, wanted=worth, told=told):
-            track.announced, track.announced_by = value, name
-        log.info(
-            "new best run=%s checkpoint=%s %s=%s previous=%s",
-            track.name,
-            name,
-            self.metric.name,
-            value,
-            previous_value,
-        )
-
-    def _check_finished(self, track: RunTrack) -> None:
-        """A run whose newest checkpoint reached ``max_steps`` is finished: say so once."""
-        newest = max(
-            (k for k in track.known.values() if k.incarnation == track.incarnation),
-            key=lambda k: k.step,
-            default=None,
-        )
-        if track.finished or newest is None or newest.max_steps is None:
-            return
-        if newest.step < newest.max_steps:
-            return
-        track.finished = True
-        if self.baseline:
-            return
-        best = track.best_seen(self.metric)
-        name, step, value = best if best else (newest.name, newest.step, None)
-        fields = self._about(track, track.known.get(name), value, name=name, step=step)
-        fields["note"] = f"Reached max_steps {newest.max_steps} at {newest.name}."
-        self._news("finished", track, fields)
-
-    def check_stalls(self, now: float | None = None) -> None:
-        """Record a run that saved nothing for ``stall_factor`` times its usual interval."""
-        now_ns = int((time.time() if now is None else now) * 1e9)
-        for track in self.runs.values():
-            newest = self._newest_saved(track)
-            if track.finished or newest is None or track.stalled_after == newest:
-                continue
-            times = sorted(track.saved_at.values())[-11:]
-            if len(times) < 3:
-                continue
-            usual = statistics.median(b - a for a, b in itertools.pairwise(times))
-            quiet = now_ns - times[-1]
-            if quiet < max(usual * self.policy.stall_factor, MIN_STALL_SECONDS * 1e9):
-                continue
-            track.stalled_after = newest
-            known = track.known.get(newest)
-            fields = self._about(track, known, known.value if known else None, name=newest)
-            fields["note"] = (
-                f"No checkpoint for {quiet / 60e9:.0f} min; it usually saves every "
-                f"{usual / 60e9:.1f} min."
-            )
-            self._news("stalled", track, fields)
-            self.history.sync()
-
-    def _newest_saved(self, track: RunTrack) -> str | None:
-        if not track.saved_at:
-            return None
-        return max(track.saved_at, key=lambda name: track.saved_at[name])
-
-    def _about(
-        self,
-        track: RunTrack,
-        known: Known | None,
-        value: float | None,
-        *,
-        name: str | None = None,
-        step: int | None = None,
-    ) -> dict[str, Any]:
-        """The fields every event about one checkpoint of a run carries."""
-        name = name or (known.name if known else None)
-        return {
-            "run": track.name,
-            "checkpoint": name,
-            "step": step if step is not None else (known.step if known else None),
-            "metric": self.metric.name,
-            "value": value,
-            "epoch": known.epoch if known else None,
-            "incarnation": track.incarnation,
-            "path": str((track.path / name).absolute()) if name else None,
-        }
-
-    def _news(
-        self,
-        kind: Kind,
-        track: RunTrack,
-        fields: dict[str, Any],
-        *,
-        wanted: bool = True,
-        told: tuple[str | None, float | None] | None = None,
-    ) -> bool:
-        """Record an event; when the policy wants it announced, hand it to delivery too.
-
-        The announcement is recorded before it is handed on, so a crash in between leaves
-        it owed, and the next start delivers it.
-        """
-        announcement = None
-        if wanted and kind in self.policy.kinds:
-            announcement = Announcement(
-                id=make_id(kind, track.name, fields["checkpoint"], track.incarnation),
-                kind=kind,
-                run=track.name,
-                metric=self.metric.name,
-                value=fields["value"],
-                # People compare with what they were last told, not with every best.
-                previous=told[0] if told else fields.get("previous"),
-                previous_value=told[1] if told else fields.get("previous_value"),
-                checkpoint=fields["checkpoint"],
-                step=fields["step"],
-                epoch=fields["epoch"],
-                path=fields["path"],
-                host=self.policy.host,
-                note=fields.get("note", ""),
-            )
-            fields = {**announcement.fields(), **fields}  # the history keeps its own previous
-        self.history.append(kind, **fields)
-        if announcement is not None and self.deliver is not None:
-            self.deliver(announcement)
-        return announcement is not None
 
     # ----- records --------------------------------------------------------------------
 
@@ -498,6 +335,19 @@ class Engine:
             path = self.root if name == "." else self.root / name
             track = self.runs[name] = RunTrack(name, path)
         return track
+
+    @property
+    def deliver(self) -> Deliver | None:
+        """Where announcements go (the notifier's ``announce``), or None."""
+        return self.herald.deliver
+
+    @deliver.setter
+    def deliver(self, deliver: Deliver | None) -> None:
+        self.herald.deliver = deliver
+
+    def check_stalls(self, now: float | None = None) -> None:
+        """Record (and announce) runs that saved nothing for longer than usual."""
+        self.herald.stalls(self.runs.values(), now)
 
     def summary(self) -> Summary:
         present = [track for track in self.runs.values() if track.known]

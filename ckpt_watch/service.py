@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from ckpt_watch.engine import AnnouncePolicy, Engine
+from ckpt_watch.engine import Engine
 from ckpt_watch.history import Event, History, HistoryError, replay
 from ckpt_watch.keeper import Keeper
 from ckpt_watch.lock import STATE_DIR, LockedError, RootLock, daemons_below, watching_daemon
+from ckpt_watch.news import AnnouncePolicy
 from ckpt_watch.notify import Notifier, undelivered
 from ckpt_watch.prune import Pruner, recover_trash
 from ckpt_watch.ranking import Metric

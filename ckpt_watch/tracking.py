@@ -200,6 +200,12 @@ class RunTrack:
         ]
         return found
 
+    def newest_saved(self) -> str | None:
+        """The checkpoint of this training whose state was written last."""
+        if not self.saved_at:
+            return None
+        return max(self.saved_at, key=lambda name: self.saved_at[name])
+
     def earlier(self) -> list[str]:
         """Checkpoints still on disk from an earlier training in this directory."""
         return [k.name for k in self.known.values() if k.incarnation != self.incarnation]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckpt_watch.config import RootConfig
-from ckpt_watch.engine import AnnouncePolicy
+from ckpt_watch.news import AnnouncePolicy
 from ckpt_watch.notify import NotifyConfigError, load_targets
 from ckpt_watch.retention import RetentionError, RetentionRules
 from ckpt_watch.service import DaemonSettings, StartError, serve

@@ -16,8 +16,9 @@ from factories import dumps, trainer_state, write_checkpoint, write_run
 from receivers import Answer, Mailbox, Webhook
 
 from ckpt_watch.announce import Announcement
-from ckpt_watch.engine import AnnouncePolicy, Engine
+from ckpt_watch.engine import Engine
 from ckpt_watch.history import History, replay
+from ckpt_watch.news import AnnouncePolicy
 from ckpt_watch.ranking import resolve_metric
 
 
