@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from ckpt_watch.history import number
+from ckpt_watch.history import integer, number, text
 from ckpt_watch.report import format_value
 
 Kind = Literal["new_best", "finished", "stalled", "nonfinite", "test"]
@@ -57,15 +57,15 @@ class Announcement:
             run=run,
             metric=metric,
             value=number(event.get("value")),
-            previous=_text(event.get("previous")),
+            previous=text(event.get("previous")),
             previous_value=number(event.get("previous_value")),
-            checkpoint=_text(event.get("checkpoint")),
-            step=_integer(event.get("step")),
+            checkpoint=text(event.get("checkpoint")),
+            step=integer(event.get("step")),
             epoch=number(event.get("epoch")),
-            path=_text(event.get("path")),
-            host=_text(event.get("host")) or "",
-            resume=_text(event.get("resume")),
-            note=_text(event.get("note")) or "",
+            path=text(event.get("path")),
+            host=text(event.get("host")) or "",
+            resume=text(event.get("resume")),
+            note=text(event.get("note")) or "",
         )
 
 
@@ -201,13 +201,3 @@ def _where(a: Announcement) -> str:
 def _code(text: str) -> str:
     """Inline code, unless the text holds a backtick that would end it early."""
     return text if "`" in text else f"`{text}`"
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _integer(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,10 +21,10 @@ from ckpt_watch.ranking import Metric, shares_history
 from ckpt_watch.scan import CheckpointDir, find_runs, list_run
 from ckpt_watch.tracking import Known, Pending, RunTrack, Summary
 from ckpt_watch.trainer_state import (
-    STATE_FILE,
     Checkpoint,
     StateVanishedError,
     read_checkpoint,
+    state_stamp,
 )
 
 log = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ class Engine:
     def _read_if_changed(self, track: RunTrack, entry: CheckpointDir) -> Checkpoint | None:
         """Read a state that is new or changed; None when there is nothing new to take."""
         name = entry.path.name
-        stamp = _stamp(entry.path / STATE_FILE)
+        stamp = state_stamp(entry.path)
         known = track.known.get(name)
         if stamp is not None and known is not None and stamp == (known.size, known.mtime_ns):
             return None
@@ -354,15 +353,6 @@ class Engine:
         checkpoints = sum(len(track.known) for track in present)
         bests = sum(1 for track in present if track.current_best(self.metric) is not None)
         return Summary(len(present), checkpoints, bests)
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """Size and modification time of a file, or None when it cannot be seen."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_size, info.st_mtime_ns)
 
 
 def _age(checkpoint: Path, stamp: tuple[int, int] | None) -> float:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,22 @@ def number(value: Any) -> float | None:
     if value in ("NaN", "Infinity", "-Infinity"):
         return float(value.replace("Infinity", "inf"))
     return None
+
+
+def text(value: Any) -> str | None:
+    """Read back a string field; anything else (a hand-edited line) is None."""
+    return value if isinstance(value, str) else None
+
+
+@overload
+def integer(value: Any) -> int | None: ...
+@overload
+def integer(value: Any, default: int) -> int: ...
+def integer(value: Any, default: int | None = None) -> int | None:
+    """Read back an integer field (never a bool); anything else is ``default``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return default
 
 
 def timestamp() -> str:

@@ -39,6 +39,7 @@ from ckpt_watch.trainer_state import (
     checkpoint_step,
     last_component,
     read_checkpoint,
+    state_stamp,
 )
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def recheck(decision: Decision, plan: Sequence[Decision], root: Path) -> str | N
     mount = mount_inside(path)
     if mount is not None:
         return f"{mount} inside it is another filesystem"
-    if decision.stamp is None or _stamp(path) != decision.stamp:
+    if decision.stamp is None or state_stamp(path) != decision.stamp:
         return f"{STATE_FILE} changed since the plan"
     for other in plan:
         if other.action == "keep" and other.stamp is not None and not os.path.lexists(other.path):
@@ -418,14 +419,6 @@ def _fields(decision: Decision, freed: int) -> dict[str, object]:
         "bytes": freed,
         "path": str(decision.path),
     }
-
-
-def _stamp(checkpoint: Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(checkpoint / STATE_FILE)
-    except OSError:
-        return None
-    return info.st_size, info.st_mtime_ns
 
 
 def _is_real_dir(entry: os.DirEntry[str]) -> bool:

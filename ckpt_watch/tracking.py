@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_watch.history import Event, number
+from ckpt_watch.history import Event, integer, number, text
 from ckpt_watch.ranking import Metric
 from ckpt_watch.trainer_state import Checkpoint, Metrics, TrainerState, last_component
 
@@ -59,14 +59,14 @@ class Known:
             step=step,
             value=number(event.get("value")),
             epoch=number(event.get("epoch")),
-            size=_integer(event.get("size"), -1),
-            mtime_ns=_integer(event.get("mtime_ns"), -1),
-            max_steps=_integer(event.get("max_steps"), None),
-            first_row=_text(event.get("first_row")),
-            trainer_best=_text(event.get("trainer_best")),
-            incarnation=_integer(event.get("incarnation"), 0),
-            value_from=_text(event.get("value_from")),
-            lineage=_text(event.get("lineage")),
+            size=integer(event.get("size"), -1),
+            mtime_ns=integer(event.get("mtime_ns"), -1),
+            max_steps=integer(event.get("max_steps")),
+            first_row=text(event.get("first_row")),
+            trainer_best=text(event.get("trainer_best")),
+            incarnation=integer(event.get("incarnation"), 0),
+            value_from=text(event.get("value_from")),
+            lineage=text(event.get("lineage")),
         )
 
     def as_checkpoint(self, run_path: Path, metric: Metric) -> Checkpoint:
@@ -239,16 +239,6 @@ def lineage(evals: Mapping[int, Metrics], *, before: int) -> str:
     trail = [[step, sorted(evals[step].items())] for step in sorted(evals) if step < before]
     text = json.dumps(trail, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _integer(value: object, default: int | None) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return default
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def _order(metric: Metric, value: float, step: int) -> tuple[float, int]:

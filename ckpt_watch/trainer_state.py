@@ -90,6 +90,18 @@ def checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def state_stamp(checkpoint: Path) -> tuple[int, int] | None:
+    """Size and modification time of a checkpoint's state file, or None if it is not there.
+
+    A changed stamp means the file must be read again; an equal one that it need not be.
+    """
+    try:
+        info = os.stat(checkpoint / STATE_FILE)
+    except OSError:
+        return None
+    return (info.st_size, info.st_mtime_ns)
+
+
 def last_component(trainer_path: str) -> str:
     """The directory name in a path the Trainer wrote on any machine (``/`` or ``\\``)."""
     return re.split(r"[\\/]", trainer_path.rstrip("/\\"))[-1]
